@@ -1,0 +1,176 @@
+{{/*
+Expand the name of the chart.
+*/}}
+{{- define "tally.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Create a default fully qualified app name, used as the StatefulSet name and so
+as the prefix of every pod name (<fullname>-<ordinal>).
+If the release name contains the chart name it is used as the full name, so a
+release called "tally" gives pods tally-0, tally-1, ...
+
+We truncate at 52 characters, not the usual 63: the StatefulSet controller
+labels each pod with controller-revision-hash=<name>-<10-character hash>, a
+label value limited to 63 characters, and the headless Service is named
+<fullname>-headless, a DNS label limited to 63 characters.
+*/}}
+{{- define "tally.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The headless Service's name. The StatefulSet's serviceName, the headless
+Service's metadata.name, TALLY_PEERS_SERVICE and NOTES.txt all use this one
+helper, so they cannot drift apart: pods are <fullname>-N.<this name>.
+*/}}
+{{- define "tally.headlessServiceName" -}}
+{{- printf "%s-headless" (include "tally.fullname" .) }}
+{{- end }}
+
+{{/*
+Create chart name and version as used by the chart label.
+*/}}
+{{- define "tally.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels
+*/}}
+{{- define "tally.labels" -}}
+{{ include "tally.labelsNoComponent" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{/*
+Common labels less the component, for the helm test pod (component: test).
+*/}}
+{{- define "tally.labelsNoComponent" -}}
+helm.sh/chart: {{ include "tally.chart" . }}
+app.kubernetes.io/name: {{ include "tally.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ include "tally.imageTag" . | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels: the StatefulSet's selector, both Services' selectors and the
+NetworkPolicy's peer rule. The component label keeps the helm test pod (which
+shares name and instance) out of the Services' endpoints.
+*/}}
+{{- define "tally.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tally.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{/*
+Create the name of the service account to use
+*/}}
+{{- define "tally.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "tally.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image tag: image.tag, else the chart's appVersion (kept equal to the
+tally crate's version).
+*/}}
+{{- define "tally.imageTag" -}}
+{{- .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/*
+The full image reference; a digest, when given, pins the image.
+*/}}
+{{- define "tally.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (include "tally.imageTag" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The name of the Secret holding the peer token, and the key inside it.
+*/}}
+{{- define "tally.tokenSecretName" -}}
+{{- default (printf "%s-peer-token" (include "tally.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{- define "tally.tokenSecretKey" -}}
+{{- if .Values.auth.existingSecret }}
+{{- .Values.auth.existingSecretKey }}
+{{- else -}}
+token
+{{- end }}
+{{- end }}
+
+{{/*
+Where things live inside the container. Fixed by the chart, not values: the
+config file, the data volume and the token file are wired to each other here.
+*/}}
+{{- define "tally.configPath" -}}/etc/tally/config.json{{- end }}
+{{- define "tally.tokenDir" -}}/etc/tally/token{{- end }}
+{{- define "tally.dataDir" -}}/data{{- end }}
+
+{{/*
+The tally config file (JSON). Keys are tally's config-file keys; the chart adds
+the two that must agree with the rest of the manifests (the listen port and the
+SRV port name of the headless Service), then config.* from values.
+*/}}
+{{- define "tally.configJson" -}}
+{{- $wired := dict "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.http)) "peers_port_name" "http" }}
+{{- merge $wired (deepCopy .Values.config) | toPrettyJson }}
+{{- end }}
+
+{{/*
+Checks the schema cannot express. Each message names the value at fault and
+what to do about it.
+*/}}
+{{- define "tally.validateValues" -}}
+{{- $messages := list }}
+{{- $grace := int .Values.terminationGracePeriodSeconds }}
+{{- $tallyGrace := int .Values.config.shutdown_grace_s }}
+{{- if le $grace $tallyGrace }}
+{{- $messages = append $messages (printf "terminationGracePeriodSeconds (%d) must be larger than config.shutdown_grace_s (%d), or Kubernetes kills tally before it finishes draining: raise terminationGracePeriodSeconds or lower config.shutdown_grace_s" $grace $tallyGrace) }}
+{{- end }}
+{{- if and (gt (int .Values.config.peer_timeout_ms) 0) (lt (int .Values.config.fanout_deadline_ms) (int .Values.config.peer_timeout_ms)) }}
+{{- $messages = append $messages (printf "config.fanout_deadline_ms (%d) is shorter than config.peer_timeout_ms (%d), so no peer could ever answer in time: make fanout_deadline_ms at least peer_timeout_ms" (int .Values.config.fanout_deadline_ms) (int .Values.config.peer_timeout_ms)) }}
+{{- end }}
+{{- if and .Values.service.nodePort (eq .Values.service.type "ClusterIP") }}
+{{- $messages = append $messages (printf "service.nodePort (%v) is set but service.type is ClusterIP: set service.type to NodePort or LoadBalancer, or remove service.nodePort" .Values.service.nodePort) }}
+{{- end }}
+{{- if and .Values.pdb.create .Values.pdb.minAvailable .Values.pdb.maxUnavailable }}
+{{- $messages = append $messages "pdb.minAvailable and pdb.maxUnavailable are both set: a PodDisruptionBudget takes only one, so empty one of them" }}
+{{- end }}
+{{- if and .Values.auth.enabled .Values.auth.existingSecret .Values.auth.token }}
+{{- $messages = append $messages (printf "auth.token is set but auth.existingSecret (%s) is used instead: remove auth.token, or empty auth.existingSecret to have the chart create the Secret" .Values.auth.existingSecret) }}
+{{- end }}
+{{- if and .Values.ingress.enabled (not .Values.ingress.hosts) }}
+{{- $messages = append $messages "ingress.enabled is true but ingress.hosts is empty: add at least one host" }}
+{{- end }}
+{{- if and (eq .Values.updateStrategy.type "RollingUpdate") (gt (int .Values.updateStrategy.rollingUpdate.partition) (int .Values.replicaCount)) }}
+{{- $messages = append $messages (printf "updateStrategy.rollingUpdate.partition (%d) is larger than replicaCount (%d), so no pod would ever be updated: use a partition between 0 and replicaCount" (int .Values.updateStrategy.rollingUpdate.partition) (int .Values.replicaCount)) }}
+{{- end }}
+{{- if $messages }}
+{{- fail (printf "\n\nVALUES VALIDATION:\n- %s\n" (join "\n- " $messages)) }}
+{{- end }}
+{{- end }}
