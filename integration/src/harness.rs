@@ -1,0 +1,1 @@
+//! Start and drive the real tally binary in tests.

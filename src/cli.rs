@@ -1,0 +1,335 @@
+//! The command line: `tally [serve]`, `tally visits`, `tally peers`,
+//! `tally check-config`. Flags come from the settings table in [`config`],
+//! so every setting has a flag, an environment variable and a file key.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
+
+use crate::config::{self, CONFIG_ENV, Config, ConfigError, EXIT_CONFIG, LogFormat, SETTINGS, Sources};
+use crate::identity::Identity;
+use crate::peers::client::PeerClient;
+use crate::serve::{self, StartError};
+use crate::{discovery, peers, store};
+
+/// Tally: a durable, cluster-wide visit counter for Kubernetes StatefulSets.
+///
+/// Settings are read from flags, then TALLY_* environment variables, then
+/// the JSON config file (--config / TALLY_CONFIG), then defaults.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, max_term_width = 110)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    settings: SettingArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve HTTP and count visits (the default).
+    Serve,
+    /// Print the counter stored in a data directory (--data-dir).
+    Visits,
+    /// Show what this pod resolves: resolv.conf, the SRV answer, each member
+    /// and whether it answers (the `nslookup` of a distroless image).
+    Peers,
+    /// Validate the settings from every source and print the effective
+    /// configuration; exit 0, or 64 naming the bad key and its source.
+    CheckConfig,
+}
+
+/// Every setting as a global flag, built from [`SETTINGS`].
+#[derive(Debug, Default)]
+struct SettingArgs {
+    values: Vec<(&'static str, String)>,
+    config: Option<PathBuf>,
+}
+
+impl FromArgMatches for SettingArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = SettingArgs::default();
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        for setting in SETTINGS {
+            if let Some(value) = matches.get_one::<String>(setting.key) {
+                self.values.push((setting.key, value.clone()));
+            }
+        }
+        if let Some(path) = matches.get_one::<String>("config") {
+            self.config = Some(PathBuf::from(path));
+        }
+        Ok(())
+    }
+}
+
+impl Args for SettingArgs {
+    fn augment_args(mut cmd: Command) -> Command {
+        cmd = cmd.arg(
+            Arg::new("config")
+                .long("config")
+                .global(true)
+                .value_name("FILE")
+                .help(format!("JSON config file [env: {CONFIG_ENV}]")),
+        );
+        for s in SETTINGS {
+            let default = if s.default.is_empty() {
+                String::new()
+            } else {
+                format!(" [default: {}]", s.default)
+            };
+            cmd = cmd.arg(
+                Arg::new(s.key)
+                    .long(config::flag_name(s.key))
+                    .global(true)
+                    .value_name("VALUE")
+                    .help(format!("{} [env: {}]{default}", s.help, s.env)),
+            );
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match Config::load(&Sources {
+        flags: &cli.settings.values,
+        config_flag: cli.settings.config.clone(),
+        env: &env,
+    }) {
+        Ok(config) => config,
+        Err(error) => return config_error(&error),
+    };
+    match cli.command.unwrap_or(Cmd::Serve) {
+        Cmd::Serve => serve(config),
+        Cmd::Visits => visits(&config),
+        Cmd::Peers => runtime().block_on(peers_command(&config)),
+        Cmd::CheckConfig => check_config(&config),
+    }
+}
+
+fn config_error(error: &ConfigError) -> ExitCode {
+    eprintln!("tally: configuration error: {error}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_writer(std::io::stdout);
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    init_logging(&config);
+    match runtime().block_on(serve::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => start_error(&error),
+    }
+}
+
+fn start_error(error: &StartError) -> ExitCode {
+    tracing::error!(%error, "cannot start");
+    eprintln!("tally: cannot start: {error}");
+    ExitCode::from(if error.is_config() { EXIT_CONFIG } else { 1 })
+}
+
+fn check_config(config: &Config) -> ExitCode {
+    if let Err(error) = Identity::from_config(config)
+        .map_err(StartError::from)
+        .and_then(|_| serve::read_token(config))
+    {
+        eprintln!("tally: configuration error: {error}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let width = SETTINGS.iter().map(|s| s.key.len()).max().unwrap_or(0);
+    println!("{:width$}  {:30}  SOURCE", "KEY", "VALUE");
+    for (key, value, source) in &config.provenance {
+        let shown = if value.is_empty() { "(unset)" } else { value };
+        println!("{key:width$}  {shown:30}  {source}");
+    }
+    println!("configuration ok");
+    ExitCode::SUCCESS
+}
+
+fn visits(config: &Config) -> ExitCode {
+    let dir = &config.data_dir;
+    let state = match store::inspect(dir) {
+        Ok(Some(state)) => state,
+        Ok(None) => {
+            eprintln!(
+                "tally: {} holds no {} yet: no visit has been counted on this volume (check --data-dir)",
+                dir.display(),
+                store::STATE_FILE
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(error) => {
+            eprintln!("tally: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("data directory  {}", dir.display());
+    println!("pod             {}", state.pod);
+    println!("incarnation     {}", state.incarnation);
+    println!("created         {}", unix_time(state.created_unix));
+    println!("count           {}", state.count);
+    match peers::load_peers(dir) {
+        Ok(entries) => {
+            let others: Vec<_> = entries
+                .iter()
+                .filter(|e| e.incarnation != state.incarnation)
+                .collect();
+            println!("known others    {}", others.len());
+            if !others.is_empty() {
+                println!("  {:24} {:34} {:>10}  LAST SEEN", "POD", "INCARNATION", "COUNT");
+                for e in &others {
+                    println!(
+                        "  {:24} {:34} {:>10}  {}",
+                        e.pod,
+                        e.incarnation,
+                        e.count,
+                        unix_time(e.seen_unix)
+                    );
+                }
+            }
+            let total = state.count + others.iter().map(|e| e.count).sum::<u64>();
+            println!("total known     {total}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tally: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn unix_time(secs: u64) -> String {
+    if secs == 0 {
+        return "unknown".into();
+    }
+    jiff::Timestamp::from_second(secs as i64)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| secs.to_string())
+}
+
+async fn peers_command(config: &Config) -> ExitCode {
+    let identity = match Identity::from_config(config) {
+        Ok(identity) => identity,
+        Err(error) => {
+            eprintln!("tally: configuration error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if identity.member.is_none() {
+        eprintln!(
+            "tally: TALLY_PEERS_SERVICE is empty, so this pod runs standalone and has no siblings to look up; \
+             set it to the StatefulSet's headless Service"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let (discovery, token) = match serve::discovery(config, &identity)
+        .and_then(|d| Ok((d.expect("member is set"), serve::read_token(config)?)))
+    {
+        Ok(found) => found,
+        Err(error) => {
+            eprintln!("tally: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let info = discovery.info();
+    let member = discovery.member();
+    match config.dns_server {
+        Some(server) => println!("resolver     {server} (TALLY_DNS_SERVER override)"),
+        None => println!("resolver     {}", discovery::RESOLV_CONF),
+    }
+    println!(
+        "nameservers  {}",
+        info.nameservers.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ")
+    );
+    println!("search       {}", info.search.join(" "));
+    println!("ndots        {}", info.ndots);
+    println!("this pod     {} (ordinal {})", identity.pod, member.ordinal);
+    let name = member.srv_name();
+    println!("query        SRV {name}");
+    let peers = match discovery.lookup(&name).await {
+        Ok(peers) => peers,
+        Err(failure) => {
+            eprintln!("tally: {failure}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("answer       {} member(s)", peers.len());
+    let client = PeerClient::new(token.as_deref(), config.peer_timeout);
+    let checks = peers.iter().map(|peer| {
+        let client = client.clone();
+        async move {
+            let started = Instant::now();
+            let result = client.fetch(peer.addr, config.peer_timeout.max(Duration::from_secs(1))).await;
+            (peer, result, started.elapsed())
+        }
+    });
+    println!(
+        "  {:20} {:21} {:>10}  {:8}  TARGET",
+        "POD", "ADDRESS", "COUNT", "ANSWERS"
+    );
+    let mut unreachable = 0;
+    for (peer, result, took) in futures::future::join_all(checks).await {
+        let me = if peer.pod == identity.pod { " (this pod)" } else { "" };
+        match result {
+            Ok(state) => {
+                let count = state
+                    .entries
+                    .iter()
+                    .find(|e| e.pod == state.pod && e.incarnation == state.incarnation)
+                    .map_or(0, |e| e.count);
+                println!(
+                    "  {:20} {:21} {:>10}  {:8}  {}{me}",
+                    peer.pod,
+                    peer.addr.to_string(),
+                    count,
+                    format!("{:.1}ms", took.as_secs_f64() * 1000.0),
+                    peer.target
+                );
+            }
+            Err(error) => {
+                unreachable += 1;
+                println!(
+                    "  {:20} {:21} {:>10}  {:8}  {}{me}: {error}",
+                    peer.pod,
+                    peer.addr.to_string(),
+                    "-",
+                    "no",
+                    peer.target
+                );
+            }
+        }
+    }
+    if unreachable > 0 {
+        println!("{unreachable} member(s) did not answer");
+    }
+    ExitCode::SUCCESS
+}

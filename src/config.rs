@@ -1,0 +1,534 @@
+//! Settings: one table ([`SETTINGS`]) drives the command-line flags, the
+//! environment variables, the config-file keys, `--help`, `check-config` and
+//! the README table, so the four cannot drift apart.
+//!
+//! Precedence is flags > environment (`TALLY_*`, plus `POD_NAME` and
+//! `POD_NAMESPACE` from the Downward API) > JSON config file > defaults. Every
+//! value remembers where it came from, so an error names the key *and* the
+//! source, and `tally check-config` can show both.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jiff::tz::TimeZone;
+
+/// Exit code for bad configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// One setting: its config-file key, flag, environment variable and default.
+#[derive(Debug)]
+pub struct Setting {
+    /// Key in the JSON config file; the flag is the same with `-` for `_`.
+    pub key: &'static str,
+    /// Environment variable that sets it.
+    pub env: &'static str,
+    /// Default, as text; empty means "not set".
+    pub default: &'static str,
+    /// One line for `--help` and the README.
+    pub help: &'static str,
+}
+
+macro_rules! settings {
+    ($( $key:literal, $env:literal, $default:literal, $help:literal; )*) => {
+        /// Every setting tally understands, in `--help` order.
+        pub const SETTINGS: &[Setting] = &[
+            $( Setting { key: $key, env: $env, default: $default, help: $help }, )*
+        ];
+    };
+}
+
+settings! {
+    "listen", "TALLY_LISTEN", "0.0.0.0:8080", "Address and port to serve HTTP on";
+    "data_dir", "TALLY_DATA_DIR", "./data", "Directory holding this pod's counter (its PersistentVolume)";
+    "pod_name", "POD_NAME", "", "This pod's name, <statefulset>-<ordinal> (default: the hostname)";
+    "namespace", "POD_NAMESPACE", "default", "Kubernetes namespace of the pod";
+    "peers_service", "TALLY_PEERS_SERVICE", "", "Headless Service whose DNS records list the siblings (empty: standalone)";
+    "peers_port_name", "TALLY_PEERS_PORT_NAME", "http", "Named port of the headless Service, as in its SRV records";
+    "cluster_domain", "TALLY_CLUSTER_DOMAIN", "cluster.local", "Kubernetes cluster domain";
+    "dns_server", "TALLY_DNS_SERVER", "", "DNS server IP[:port] instead of /etc/resolv.conf's (for tests)";
+    "dns_max_ttl_s", "TALLY_DNS_MAX_TTL_S", "5", "Longest time a DNS answer is cached, in seconds";
+    "timezone", "TALLY_TIMEZONE", "UTC", "IANA time zone of the time shown on the page";
+    "durability", "TALLY_DURABILITY", "group-commit", "group-commit (fdatasync before each answer), periodic or none";
+    "sync_interval_ms", "TALLY_SYNC_INTERVAL_MS", "1000", "How often `periodic` durability syncs, in milliseconds";
+    "peer_timeout_ms", "TALLY_PEER_TIMEOUT_MS", "300", "Time limit for one sibling's answer, in milliseconds";
+    "fanout_deadline_ms", "TALLY_FANOUT_DEADLINE_MS", "1000", "Time limit for the whole fan-out to the siblings, in milliseconds";
+    "refresh_interval_ms", "TALLY_REFRESH_INTERVAL_MS", "5000", "Background refresh of the cluster view, in milliseconds (0: off)";
+    "peer_token_file", "TALLY_PEER_TOKEN_FILE", "", "File holding the shared token siblings must present (empty: no token)";
+    "shutdown_grace_s", "TALLY_SHUTDOWN_GRACE_S", "10", "Seconds in-flight requests get to finish after SIGTERM";
+    "max_connections", "TALLY_MAX_CONNECTIONS", "1024", "Most client connections served at once";
+    "request_timeout_ms", "TALLY_REQUEST_TIMEOUT_MS", "10000", "Time limit for one request, in milliseconds";
+    "header_read_timeout_ms", "TALLY_HEADER_READ_TIMEOUT_MS", "5000", "Time limit for a client to send its request headers, in milliseconds";
+    "log_format", "TALLY_LOG_FORMAT", "text", "Log format: text or json";
+    "log_level", "TALLY_LOG_LEVEL", "info", "Log filter, e.g. info or tally=debug";
+}
+
+/// Environment variable naming the config file (the flag is `--config`).
+pub const CONFIG_ENV: &str = "TALLY_CONFIG";
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Flag(String),
+    Env(&'static str),
+    File(PathBuf),
+    Default,
+    /// Derived at start-up (the hostname for `pod_name`).
+    Derived(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Flag(flag) => write!(f, "flag {flag}"),
+            Source::Env(var) => write!(f, "environment variable {var}"),
+            Source::File(path) => write!(f, "config file {}", path.display()),
+            Source::Default => f.write_str("default"),
+            Source::Derived(how) => f.write_str(how),
+        }
+    }
+}
+
+/// What went wrong reading the settings. Every variant exits 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (set --config or TALLY_CONFIG to a readable JSON file)")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not a JSON object: {reason}")]
+    FileSyntax { path: PathBuf, reason: String },
+    #[error("unknown key `{key}` in config file {path}; known keys: {known}")]
+    UnknownKey {
+        key: String,
+        path: PathBuf,
+        known: String,
+    },
+    #[error("invalid value {value:?} for `{key}` from {origin}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        origin: Source,
+        reason: String,
+    },
+}
+
+/// How durable an acknowledged visit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fdatasync before answering; concurrent visits share one sync.
+    GroupCommit,
+    /// Written before answering, synced every `sync_interval`: a power loss
+    /// can lose up to one interval of acknowledged visits.
+    Periodic,
+    /// Written before answering, never synced by tally: a power loss can lose
+    /// whatever the kernel had not yet written back.
+    None,
+}
+
+impl Durability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::GroupCommit => "group-commit",
+            Durability::Periodic => "periodic",
+            Durability::None => "none",
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The effective, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address the HTTP server binds.
+    pub listen: SocketAddr,
+    /// Where the counter lives; one directory per PersistentVolume.
+    pub data_dir: PathBuf,
+    /// This pod's name (`<statefulset>-<ordinal>` in a StatefulSet).
+    pub pod_name: String,
+    /// Namespace, part of every DNS name we look up.
+    pub namespace: String,
+    /// Headless Service to discover siblings through; `None` = standalone.
+    pub peers_service: Option<String>,
+    /// SRV port name (`_<name>._tcp`).
+    pub peers_port_name: String,
+    /// Cluster DNS domain, e.g. `cluster.local`.
+    pub cluster_domain: String,
+    /// Nameserver override for tests; `None` reads `/etc/resolv.conf`.
+    pub dns_server: Option<SocketAddr>,
+    /// Cap on DNS caching, so stale membership cannot outlive one refresh.
+    pub dns_max_ttl: Duration,
+    /// Zone of the time shown on the page, with its IANA name.
+    pub timezone: (String, TimeZone),
+    /// How durable an acknowledged visit is.
+    pub durability: Durability,
+    /// Sync period for [`Durability::Periodic`].
+    pub sync_interval: Duration,
+    /// Time limit for one peer's answer.
+    pub peer_timeout: Duration,
+    /// Time limit for a whole fan-out.
+    pub fanout_deadline: Duration,
+    /// Background refresh period of the cluster view; `None` = off.
+    pub refresh_interval: Option<Duration>,
+    /// File with the shared peer token; `None` = peer route is open.
+    pub peer_token_file: Option<PathBuf>,
+    /// How long in-flight requests may run on after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Cap on concurrent client connections.
+    pub max_connections: usize,
+    /// Time limit for one request.
+    pub request_timeout: Duration,
+    /// Time limit for a client to send its headers (slowloris).
+    pub header_read_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// `tracing` filter directive.
+    pub log_level: String,
+    /// Every setting's effective value and where it came from, for
+    /// `check-config`.
+    pub provenance: Vec<(&'static str, String, Source)>,
+}
+
+/// The raw inputs: flags given, an environment to read, and maybe a file.
+pub struct Sources<'a> {
+    /// `(key, value)` for each flag given on the command line.
+    pub flags: &'a [(&'static str, String)],
+    /// `--config` if given.
+    pub config_flag: Option<PathBuf>,
+    /// Reads an environment variable; tests pass a map.
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Config {
+    /// Resolve every setting from the sources, validate, and type it.
+    pub fn load(sources: &Sources<'_>) -> Result<Config, ConfigError> {
+        let file = match sources
+            .config_flag
+            .clone()
+            .or_else(|| (sources.env)(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
+        {
+            Some(path) => Some(read_file(&path)?),
+            None => None,
+        };
+        let mut raw = Raw::default();
+        for setting in SETTINGS {
+            let flag = sources.flags.iter().rev().find(|(k, _)| *k == setting.key);
+            let value = if let Some((_, v)) = flag {
+                (v.clone(), Source::Flag(format!("--{}", flag_name(setting.key))))
+            } else if let Some(v) = (sources.env)(setting.env) {
+                (v, Source::Env(setting.env))
+            } else if let Some((path, v)) = file
+                .as_ref()
+                .and_then(|(path, map)| map.get(setting.key).map(|v| (path, v)))
+            {
+                (v.clone(), Source::File(path.clone()))
+            } else if setting.key == "pod_name" {
+                (hostname(), Source::Derived("the hostname"))
+            } else {
+                (setting.default.to_string(), Source::Default)
+            };
+            raw.values.insert(setting.key, value);
+        }
+        raw.into_config()
+    }
+}
+
+/// The flag for a key: `data_dir` → `data-dir`.
+pub fn flag_name(key: &str) -> String {
+    key.replace('_', "-")
+}
+
+fn read_file(path: &Path) -> Result<(PathBuf, BTreeMap<String, String>), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let syntax = |reason: String| ConfigError::FileSyntax {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| syntax(e.to_string()))?;
+    let serde_json::Value::Object(object) = value else {
+        return Err(syntax("expected an object like {\"timezone\": \"UTC\"}".into()));
+    };
+    let mut map = BTreeMap::new();
+    for (key, value) in object {
+        if !SETTINGS.iter().any(|s| s.key == key) {
+            return Err(ConfigError::UnknownKey {
+                key,
+                path: path.to_path_buf(),
+                known: SETTINGS.iter().map(|s| s.key).collect::<Vec<_>>().join(", "),
+            });
+        }
+        let text = match value {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            other => {
+                return Err(syntax(format!(
+                    "`{key}` must be a string or a number, not {other}"
+                )));
+            }
+        };
+        map.insert(key, text);
+    }
+    Ok((path.to_path_buf(), map))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[derive(Default)]
+struct Raw {
+    values: BTreeMap<&'static str, (String, Source)>,
+}
+
+impl Raw {
+    /// Parse one value with `parse`; a failure names the key and the source.
+    fn get<T>(
+        &self,
+        key: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let (value, source) = &self.values[key];
+        parse(value.trim()).map_err(|reason| ConfigError::Invalid {
+            key,
+            value: value.clone(),
+            origin: source.clone(),
+            reason,
+        })
+    }
+
+    fn millis(&self, key: &'static str, min: u64) -> Result<Duration, ConfigError> {
+        self.get(key, |v| number(v, min).map(Duration::from_millis))
+    }
+
+    fn into_config(self) -> Result<Config, ConfigError> {
+        let optional = |v: &str| (!v.is_empty()).then(|| v.to_string());
+        let config = Config {
+            listen: self.get("listen", |v| {
+                v.parse()
+                    .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8080".to_string())
+            })?,
+            data_dir: self.get("data_dir", |v| {
+                optional(v)
+                    .map(PathBuf::from)
+                    .ok_or_else(|| "must not be empty".to_string())
+            })?,
+            pod_name: self.get("pod_name", |v| dns_label(v).map(str::to_string))?,
+            namespace: self.get("namespace", |v| dns_label(v).map(str::to_string))?,
+            peers_service: self.get("peers_service", |v| {
+                if v.is_empty() {
+                    Ok(None)
+                } else {
+                    dns_label(v).map(|v| Some(v.to_string()))
+                }
+            })?,
+            peers_port_name: self.get("peers_port_name", |v| dns_label(v).map(str::to_string))?,
+            cluster_domain: self.get("cluster_domain", |v| {
+                let v = v.trim_end_matches('.');
+                if !v.is_empty() && v.split('.').all(|l| dns_label(l).is_ok()) {
+                    Ok(v.to_string())
+                } else {
+                    Err("expected a DNS domain like cluster.local".to_string())
+                }
+            })?,
+            dns_server: self.get("dns_server", |v| {
+                if v.is_empty() {
+                    return Ok(None);
+                }
+                v.parse::<SocketAddr>()
+                    .or_else(|_| v.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map(Some)
+                    .map_err(|_| "expected IP or IP:PORT, e.g. 10.96.0.10:53".to_string())
+            })?,
+            dns_max_ttl: self.get("dns_max_ttl_s", |v| number(v, 0).map(Duration::from_secs))?,
+            timezone: self.get("timezone", |v| {
+                TimeZone::get(v).map(|tz| (v.to_string(), tz)).map_err(|_| {
+                    "not an IANA time zone name; use e.g. UTC, Europe/Paris or America/New_York"
+                        .to_string()
+                })
+            })?,
+            durability: self.get("durability", |v| match v {
+                "group-commit" => Ok(Durability::GroupCommit),
+                "periodic" => Ok(Durability::Periodic),
+                "none" => Ok(Durability::None),
+                _ => Err("expected group-commit, periodic or none".to_string()),
+            })?,
+            sync_interval: self.millis("sync_interval_ms", 1)?,
+            peer_timeout: self.millis("peer_timeout_ms", 1)?,
+            fanout_deadline: self.millis("fanout_deadline_ms", 1)?,
+            refresh_interval: {
+                let every = self.millis("refresh_interval_ms", 0)?;
+                (!every.is_zero()).then_some(every)
+            },
+            peer_token_file: self.get("peer_token_file", |v| Ok(optional(v).map(PathBuf::from)))?,
+            shutdown_grace: self.get("shutdown_grace_s", |v| number(v, 0).map(Duration::from_secs))?,
+            max_connections: self.get("max_connections", |v| number(v, 1).map(|n| n as usize))?,
+            request_timeout: self.millis("request_timeout_ms", 1)?,
+            header_read_timeout: self.millis("header_read_timeout_ms", 1)?,
+            log_format: self.get("log_format", |v| match v {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                _ => Err("expected text or json".to_string()),
+            })?,
+            log_level: self.get("log_level", |v| {
+                tracing_subscriber::EnvFilter::try_new(v)
+                    .map(|_| v.to_string())
+                    .map_err(|e| format!("not a log filter ({e}); use e.g. info or tally=debug"))
+            })?,
+            provenance: SETTINGS
+                .iter()
+                .map(|s| {
+                    let (value, source) = &self.values[s.key];
+                    (s.key, value.clone(), source.clone())
+                })
+                .collect(),
+        };
+        Ok(config)
+    }
+}
+
+fn number(v: &str, min: u64) -> Result<u64, String> {
+    let n: u64 = v
+        .parse()
+        .map_err(|_| format!("expected a whole number ≥ {min}"))?;
+    if n < min {
+        return Err(format!("must be at least {min}"));
+    }
+    Ok(n)
+}
+
+/// An RFC 1123 label, as Kubernetes names pods, namespaces and services.
+fn dns_label(v: &str) -> Result<&str, String> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-');
+    if ok {
+        Ok(v)
+    } else {
+        Err("expected a DNS label: 1-63 lowercase letters, digits or '-', not starting or ending with '-'".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(
+        flags: &[(&'static str, &str)],
+        env: &[(&str, &str)],
+        file: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let config_flag = file.map(|text| {
+            let path = dir.path().join("config.json");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let flags: Vec<(&'static str, String)> =
+            flags.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        Config::load(&Sources {
+            flags: &flags,
+            config_flag,
+            env: &|k| env.get(k).cloned(),
+        })
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = load(&[], &[("POD_NAME", "tally-0")], None).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.peers_service, None);
+        assert_eq!(c.durability, Durability::GroupCommit);
+        assert_eq!(c.peer_timeout, Duration::from_millis(300));
+        assert_eq!(c.refresh_interval, Some(Duration::from_secs(5)));
+        assert_eq!(c.timezone.0, "UTC");
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let file = r#"{"listen":"127.0.0.1:3","timezone":"Europe/Paris","peer_timeout_ms":50,"namespace":"from-file"}"#;
+        let env = [
+            ("POD_NAME", "tally-0"),
+            ("TALLY_LISTEN", "127.0.0.1:2"),
+            ("TALLY_TIMEZONE", "Asia/Tokyo"),
+        ];
+        let c = load(&[("listen", "127.0.0.1:1")], &env, Some(file)).unwrap();
+        assert_eq!(c.listen.port(), 1, "flag wins");
+        assert_eq!(c.timezone.0, "Asia/Tokyo", "env beats file");
+        assert_eq!(c.peer_timeout, Duration::from_millis(50), "file beats default");
+        assert_eq!(c.namespace, "from-file");
+        let source = |key| c.provenance.iter().find(|(k, _, _)| *k == key).unwrap().2.clone();
+        assert_eq!(source("listen"), Source::Flag("--listen".into()));
+        assert_eq!(source("timezone"), Source::Env("TALLY_TIMEZONE"));
+        assert!(matches!(source("peer_timeout_ms"), Source::File(_)));
+        assert_eq!(source("durability"), Source::Default);
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let err = load(&[], &[("POD_NAME", "a-0")], Some(r#"{"listne":"x"}"#)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("`listne`") && msg.contains("config.json"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_source() {
+        let cases: &[(&[(&'static str, &str)], &[(&str, &str)], Option<&str>, &str, &str)] = &[
+            (&[], &[("TALLY_PEER_TIMEOUT_MS", "soon")], None, "peer_timeout_ms", "TALLY_PEER_TIMEOUT_MS"),
+            (&[("listen", "nowhere")], &[], None, "listen", "--listen"),
+            (&[], &[], Some(r#"{"timezone":"Mars/Olympus"}"#), "timezone", "config file"),
+            (&[], &[], Some(r#"{"durability":"maybe"}"#), "durability", "config file"),
+            (&[], &[("POD_NAMESPACE", "Bad_NS")], None, "namespace", "POD_NAMESPACE"),
+            (&[], &[("TALLY_MAX_CONNECTIONS", "0")], None, "max_connections", "TALLY_MAX_CONNECTIONS"),
+            (&[], &[("TALLY_LOG_FORMAT", "xml")], None, "log_format", "TALLY_LOG_FORMAT"),
+        ];
+        for (flags, env, file, key, source) in cases {
+            let mut env = env.to_vec();
+            env.push(("POD_NAME", "tally-0"));
+            let msg = load(flags, &env, *file).unwrap_err().to_string();
+            assert!(msg.contains(&format!("`{key}`")), "{msg}");
+            assert!(msg.contains(source), "{msg}");
+        }
+    }
+
+    #[test]
+    fn file_must_be_an_object_of_scalars() {
+        for text in ["[1]", "{\"listen\": [1]}", "not json"] {
+            let err = load(&[], &[("POD_NAME", "a-0")], Some(text)).unwrap_err();
+            assert!(matches!(err, ConfigError::FileSyntax { .. }), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn dns_server_accepts_ip_or_ip_port() {
+        let c = load(&[("dns_server", "127.0.0.9")], &[("POD_NAME", "a-0")], None).unwrap();
+        assert_eq!(c.dns_server.unwrap().to_string(), "127.0.0.9:53");
+        let c = load(&[("dns_server", "127.0.0.9:5353")], &[("POD_NAME", "a-0")], None).unwrap();
+        assert_eq!(c.dns_server.unwrap().port(), 5353);
+    }
+}

@@ -1,0 +1,276 @@
+//! The HTTP API (design.md §2): the router, its handlers and middleware.
+//!
+//! Only `GET /` counts. `HEAD /`, probes, `/favicon.ico`, `/metrics` and
+//! peer traffic never do. Unknown paths get 404, wrong methods 405 with
+//! `Allow`, both with a short body; requests with a body get 413.
+
+pub mod page;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::metrics::{Metrics, RouteLabels};
+use crate::peers::Cluster;
+use crate::peers::wire::PEER_PATH;
+use crate::store::{Store, StoreError};
+
+/// What every handler needs.
+pub struct App {
+    /// This pod's name.
+    pub pod: String,
+    pub store: Store,
+    pub cluster: Cluster,
+    pub metrics: Arc<Metrics>,
+    /// Zone of the time on the page, with its IANA name.
+    pub timezone: (String, TimeZone),
+    /// Token the peer route requires, if any.
+    pub peer_token: Option<String>,
+}
+
+/// The whole API.
+pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
+    Router::new()
+        .route("/", get(visit).head(head_root))
+        .route("/visits/local", get(local))
+        .route("/visits", get(local))
+        .route("/visits/total", get(total))
+        .route("/healthz", get(healthz))
+        .route("/health", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(PEER_PATH, get(peer_state))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try / or /visits/total\n") })
+        .layer(middleware::from_fn(explain_405))
+        .layer(middleware::from_fn(refuse_bodies))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .with_state(app)
+}
+
+/// A client error or an unavailable store, as a response.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("missing or wrong peer token")]
+    Unauthorized,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        // Not logged here: client mistakes are not errors of ours, and the
+        // store already logged why it is unavailable.
+        let status = match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+        };
+        (status, format!("{self}\n")).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct FormatParam {
+    format: Option<String>,
+}
+
+/// `?format=text` → bare number; absent or `json` → JSON.
+fn wants_text(param: &FormatParam) -> Result<bool, ApiError> {
+    match param.format.as_deref() {
+        None | Some("json") => Ok(false),
+        Some("text") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "unknown format {other:?}: use format=text or format=json"
+        ))),
+    }
+}
+
+fn number_or_json(text: bool, n: u64, json: serde_json::Value) -> Response {
+    if text {
+        ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{n}\n")).into_response()
+    } else {
+        axum::Json(json).into_response()
+    }
+}
+
+async fn visit(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let count = app.store.visit().await?;
+    let cluster = app.cluster.cached_total();
+    let page = page::Page {
+        pod: &app.pod,
+        incarnation: app.store.incarnation(),
+        count,
+        now: Timestamp::now(),
+        timezone: &app.timezone,
+        cluster: &cluster,
+    };
+    let json = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"));
+    Ok(if json {
+        axum::Json(serde_json::json!({
+            "pod": app.pod,
+            "incarnation": app.store.incarnation(),
+            "count": count,
+            "time": page.local_time(),
+            "timezone": app.timezone.0,
+            "cluster": {"total": cluster.total, "complete": cluster.complete, "members": cluster.members},
+        }))
+        .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            page.render(),
+        )
+            .into_response()
+    })
+}
+
+/// `HEAD /` answers like `GET /` would, without counting.
+async fn head_root() -> impl IntoResponse {
+    [(header::CONTENT_TYPE, "text/html; charset=utf-8")]
+}
+
+async fn local(
+    State(app): State<Arc<App>>,
+    Query(format): Query<FormatParam>,
+) -> Result<Response, ApiError> {
+    let count = app.store.count();
+    Ok(number_or_json(
+        wants_text(&format)?,
+        count,
+        serde_json::json!({"pod": app.pod, "incarnation": app.store.incarnation(), "count": count}),
+    ))
+}
+
+async fn total(
+    State(app): State<Arc<App>>,
+    Query(format): Query<FormatParam>,
+) -> Result<Response, ApiError> {
+    let text = wants_text(&format)?;
+    let view = app.cluster.total().await;
+    Ok(number_or_json(
+        text,
+        view.total,
+        serde_json::to_value(&view).expect("view serialises"),
+    ))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    match app.store.health() {
+        Ok(()) => "ready\n".into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn peer_state(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if let Some(token) = &app.peer_token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        if !bool::from(presented.ct_eq(token.as_bytes())) {
+            app.metrics.peer_auth_failures.inc();
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    Ok(axum::Json(app.cluster.peer_state()).into_response())
+}
+
+/// Refuses request bodies: no route takes one, and reading them would only
+/// cost memory.
+async fn refuse_bodies(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request bodies are not accepted\n",
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// Gives axum's bare 405 (which already carries `Allow`) a short body.
+async fn explain_405(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from("method not allowed: see the Allow header\n"))
+}
+
+/// Records the request duration by matched route and status.
+async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    app.metrics
+        .http_duration
+        .get_or_create(&RouteLabels {
+            route,
+            status: response.status().as_u16(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,89 @@
+//! The accept loop and the protections at the HTTP edge: a cap on concurrent
+//! connections, a header-read timeout against slowloris, a header size limit,
+//! and graceful shutdown (stop accepting, let in-flight requests finish
+//! within the grace period).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Largest request head (request line + headers) accepted; hyper answers
+/// 431 past it.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Edge limits, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most connections served at once; further ones wait in the backlog.
+    pub max_connections: usize,
+    /// Time a client gets to send its request head.
+    pub header_read_timeout: Duration,
+    /// Time in-flight requests get after shutdown starts.
+    pub grace: Duration,
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then drains.
+/// Returns whether every connection finished within the grace period.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> bool {
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!(grace_s = limits.grace.as_secs_f64(), "shutting down: no new connections, draining in-flight requests");
+    tokio::select! {
+        () = graceful.shutdown() => true,
+        () = tokio::time::sleep(limits.grace) => {
+            tracing::warn!("grace period over; closing the remaining connections");
+            false
+        }
+    }
+}

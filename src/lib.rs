@@ -1,0 +1,33 @@
+//! Tally: a durable, cluster-wide visit counter for Kubernetes StatefulSets.
+//!
+//! Every pod counts the visits it serves, durably, on its own volume, and
+//! finds its siblings through the headless Service's DNS records to answer
+//! the exact cluster-wide total. `design.md` is the contract.
+//!
+//! # Layout
+//!
+//! - [`config`]: the settings table; flags > env > file > defaults, with
+//!   provenance for errors and `check-config`.
+//! - [`identity`]: pod name, ordinal, and the DNS names derived from them.
+//! - [`store`]: the durable per-pod counter (group commit, atomic checksummed
+//!   files in [`store::file`]).
+//! - [`merge`]: the grow-only cluster counter keyed by (pod, incarnation).
+//! - [`discovery`]: members from the headless Service's SRV records.
+//! - [`peers`]: the peer client, the coalesced fan-out and the
+//!   `/visits/total` view; what a pod knows of the others, persisted.
+//! - [`http`]: router and handlers, the page, and the edge server.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`shutdown`]: SIGTERM/SIGINT.
+//! - [`serve`]: assembles a running pod; [`cli`]: the command line.
+
+pub mod cli;
+pub mod config;
+pub mod discovery;
+pub mod http;
+pub mod identity;
+pub mod merge;
+pub mod metrics;
+pub mod peers;
+pub mod serve;
+pub mod shutdown;
+pub mod store;

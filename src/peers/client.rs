@@ -1,0 +1,120 @@
+//! The HTTP client siblings use to fetch each other's state: pooled
+//! keep-alive connections, a time limit covering connect, headers and body
+//! (a slow drip cannot hold a fan-out), a body size limit, strict parsing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::wire::{MAX_PEER_BODY, PEER_PATH, PeerState};
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no answer within {0} ms")]
+    Timeout(u128),
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("answered HTTP {0}")]
+    Status(StatusCode),
+    #[error("answer larger than {MAX_PEER_BODY} bytes")]
+    TooLarge,
+    #[error("malformed answer: {0}")]
+    Malformed(String),
+    #[error("refused: {0}")]
+    Invalid(String),
+}
+
+impl FetchError {
+    /// Metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FetchError::Timeout(_) => "timeout",
+            FetchError::Connect(_) => "connect",
+            FetchError::Status(_) => "status",
+            FetchError::TooLarge => "too_large",
+            FetchError::Malformed(_) => "malformed",
+            FetchError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// Fetches `/peer/state` from siblings.
+#[derive(Clone)]
+pub struct PeerClient {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    /// `Authorization: Bearer …` value when a peer token is configured.
+    authorization: Option<String>,
+}
+
+impl PeerClient {
+    pub fn new(token: Option<&str>, connect_timeout: Duration) -> PeerClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(8)
+            .build(connector);
+        PeerClient {
+            client,
+            authorization: token.map(|t| format!("Bearer {t}")),
+        }
+    }
+
+    /// One fetch, bounded by `limit` from start to the last body byte.
+    pub async fn fetch(&self, addr: SocketAddr, limit: Duration) -> Result<PeerState, FetchError> {
+        tokio::time::timeout(limit, self.fetch_unbounded(addr))
+            .await
+            .unwrap_or(Err(FetchError::Timeout(limit.as_millis())))
+    }
+
+    async fn fetch_unbounded(&self, addr: SocketAddr) -> Result<PeerState, FetchError> {
+        let mut request = Request::get(format!("http://{addr}{PEER_PATH}"))
+            .header(header::ACCEPT, "application/json");
+        if let Some(value) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, value);
+        }
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| FetchError::Connect(e.to_string()))?;
+        let response = self.client.request(request).await.map_err(|e| {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(inner) = source {
+                message = format!("{message}: {inner}");
+                source = inner.source();
+            }
+            FetchError::Connect(message)
+        })?;
+        if response.status() != StatusCode::OK {
+            return Err(FetchError::Status(response.status()));
+        }
+        let declared = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_PEER_BODY as u64) {
+            return Err(FetchError::TooLarge);
+        }
+        let body = Limited::new(response.into_body(), MAX_PEER_BODY)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    FetchError::TooLarge
+                } else {
+                    FetchError::Connect(format!("reading the answer: {e}"))
+                }
+            })?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| FetchError::Malformed(e.to_string()))
+    }
+}

@@ -1,0 +1,452 @@
+//! The cluster view: fan out to the siblings, merge what they know, answer
+//! `/visits/total`.
+//!
+//! A *round* looks the members up in DNS, fetches every sibling's state at
+//! once (each within the per-peer timeout, all within the overall deadline;
+//! never this pod itself), checks and merges what came back into the
+//! [`Counter`], and records who answered. Concurrent `/visits/total` requests
+//! join the round in flight instead of starting their own, so peer load does
+//! not grow with client load. What this pod knows of the others is persisted
+//! in `peers.state` on its own volume (same format and guarantees as the
+//! visit counter), so the total survives a full restart of the cluster.
+
+pub mod client;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::discovery::{Discovery, Peer};
+use crate::merge::{Counter, Entry, Key};
+use crate::metrics::{ErrorKind, Metrics};
+use crate::store::Store;
+use crate::store::file::{self, AtomicFile, FileError};
+use client::{FetchError, PeerClient};
+use wire::{PeerState, PodView, Source, TotalView};
+
+/// What this pod knows of the others, in its data directory.
+pub const PEERS_FILE: &str = "peers.state";
+
+/// Errors loading the persisted view.
+#[derive(Debug, thiserror::Error)]
+pub enum PeersError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{path} holds no valid peer state: {reason}")]
+    BadState { path: String, reason: String },
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Body of `peers.state`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredPeers {
+    pub entries: Vec<Entry>,
+}
+
+/// Reads `peers.state` from a data directory (empty if absent).
+pub fn load_peers(data_dir: &Path) -> Result<Vec<Entry>, PeersError> {
+    let path = data_dir.join(PEERS_FILE);
+    match file::read(&path)? {
+        None => Ok(Vec::new()),
+        Some(body) => serde_json::from_slice::<StoredPeers>(&body)
+            .map(|s| s.entries)
+            .map_err(|e| PeersError::BadState {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+    }
+}
+
+/// Fan-out limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub peer_timeout: Duration,
+    pub deadline: Duration,
+}
+
+/// How one member fared in a round.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Live { incarnation: String, latency: Duration },
+    Failed(String),
+}
+
+/// The result of one round.
+#[derive(Debug, Default)]
+struct Round {
+    members: Vec<Peer>,
+    discovery_error: Option<String>,
+    outcomes: BTreeMap<String, Outcome>,
+}
+
+type RoundFuture = Shared<BoxFuture<'static, Arc<Round>>>;
+
+/// The cluster view of one pod; cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pod: String,
+    store: Store,
+    metrics: Arc<Metrics>,
+    /// `None` when standalone.
+    discovery: Option<Discovery>,
+    client: PeerClient,
+    limits: Limits,
+    /// Everything known of other counters (and of this pod's old volumes).
+    counter: Mutex<Counter>,
+    /// The last finished round.
+    last: Mutex<Arc<Round>>,
+    /// The round in flight, which new requests join.
+    inflight: Mutex<Option<RoundFuture>>,
+    /// Wakes the persister when `counter` changed.
+    changed: Notify,
+    peers_file: AtomicFile,
+}
+
+impl Cluster {
+    /// Loads `peers.state` and prepares the fan-out. Call
+    /// [`spawn_background`](Self::spawn_background) to persist and refresh.
+    pub fn new(
+        data_dir: &Path,
+        pod: &str,
+        store: Store,
+        discovery: Option<Discovery>,
+        client: PeerClient,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Result<Cluster, PeersError> {
+        let counter = Counter::from_entries(load_peers(data_dir)?);
+        let path = data_dir.join(PEERS_FILE);
+        let peers_file = AtomicFile::new(path.clone()).map_err(|source| PeersError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let cluster = Cluster {
+            inner: Arc::new(Inner {
+                pod: pod.to_string(),
+                store,
+                metrics,
+                discovery,
+                client,
+                limits,
+                counter: Mutex::new(counter),
+                last: Mutex::new(Arc::new(Round::default())),
+                inflight: Mutex::new(None),
+                changed: Notify::new(),
+                peers_file,
+            }),
+        };
+        cluster.inner.metrics.total.set(cluster.cached_total().total as i64);
+        Ok(cluster)
+    }
+
+    /// Starts the persister and, when `refresh` is set, the periodic round.
+    /// Both stop when the returned handle is dropped or aborted.
+    pub fn spawn_background(&self, refresh: Option<Duration>) -> Background {
+        let persister = tokio::spawn(self.clone().persist_forever());
+        let refresher = refresh.filter(|_| self.inner.discovery.is_some()).map(|every| {
+            let cluster = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    cluster.round().await;
+                    tokio::time::sleep(every).await;
+                }
+            })
+        });
+        Background {
+            tasks: std::iter::once(persister).chain(refresher).collect(),
+        }
+    }
+
+    /// `/visits/total`: joins the round in flight or starts one.
+    pub async fn total(&self) -> TotalView {
+        let round = self.round().await;
+        self.view(&round)
+    }
+
+    /// The last known view, without any network I/O (for the page).
+    pub fn cached_total(&self) -> TotalView {
+        let round = self.inner.last.lock().expect("poisoned").clone();
+        self.view(&round)
+    }
+
+    /// What the peer route answers: this pod's entry and all it knows.
+    pub fn peer_state(&self) -> PeerState {
+        let me = self.my_entry();
+        let key = me.key();
+        let counter = self.inner.counter.lock().expect("poisoned");
+        let mut entries: Vec<Entry> = counter.entries().filter(|e| e.key() != key).collect();
+        entries.push(me.clone());
+        PeerState {
+            pod: me.pod,
+            incarnation: me.incarnation,
+            entries,
+        }
+    }
+
+    /// Writes `peers.state` now (at shutdown).
+    pub async fn persist(&self) {
+        let entries: Vec<Entry> = self.inner.counter.lock().expect("poisoned").entries().collect();
+        let inner = self.inner.clone();
+        let body = serde_json::to_vec(&StoredPeers { entries }).expect("serialises");
+        let result = tokio::task::spawn_blocking(move || inner.peers_file.write(&body, true)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(file = PEERS_FILE, %error, "cannot persist the peer view"),
+            Err(error) => tracing::error!(%error, "peer persister panicked"),
+        }
+    }
+
+    async fn persist_forever(self) {
+        loop {
+            self.inner.changed.notified().await;
+            self.persist().await;
+        }
+    }
+
+    fn my_entry(&self) -> Entry {
+        Entry {
+            pod: self.inner.pod.clone(),
+            incarnation: self.inner.store.incarnation().to_string(),
+            count: self.inner.store.count(),
+            seen_unix: unix_now(),
+        }
+    }
+
+    async fn round(&self) -> Arc<Round> {
+        let round = {
+            let mut inflight = self.inner.inflight.lock().expect("poisoned");
+            match &*inflight {
+                Some(round) => {
+                    self.inner.metrics.coalesced.inc();
+                    round.clone()
+                }
+                None => {
+                    // A task, not just a future: the round finishes even if
+                    // every request waiting on it goes away.
+                    let cluster = self.clone();
+                    let task = tokio::spawn(async move {
+                        let round = Arc::new(cluster.run_round().await);
+                        *cluster.inner.last.lock().expect("poisoned") = round.clone();
+                        *cluster.inner.inflight.lock().expect("poisoned") = None;
+                        round
+                    });
+                    let round = task
+                        .map(|r| r.unwrap_or_else(|_| Arc::new(Round::default())))
+                        .boxed()
+                        .shared();
+                    *inflight = Some(round.clone());
+                    round
+                }
+            }
+        };
+        round.await
+    }
+
+    async fn run_round(&self) -> Round {
+        let Some(discovery) = &self.inner.discovery else {
+            return Round::default();
+        };
+        let started = Instant::now();
+        let deadline = started + self.inner.limits.deadline;
+        let members = match tokio::time::timeout_at(deadline.into(), discovery.members()).await {
+            Ok(members) => members,
+            Err(_) => crate::discovery::Members {
+                peers: Vec::new(),
+                error: Some(format!(
+                    "DNS lookup of {} took longer than the {} ms deadline",
+                    discovery.member().srv_name(),
+                    self.inner.limits.deadline.as_millis()
+                )),
+            },
+        };
+        let fetches = members
+            .peers
+            .iter()
+            .filter(|p| p.pod != self.inner.pod)
+            .map(|peer| {
+                let limit = self
+                    .inner
+                    .limits
+                    .peer_timeout
+                    .min(deadline.saturating_duration_since(Instant::now()));
+                let client = self.inner.client.clone();
+                let metrics = self.inner.metrics.clone();
+                async move {
+                    metrics.peer_fetches.inc();
+                    let t0 = Instant::now();
+                    let result = client.fetch(peer.addr, limit).await;
+                    (peer, result, t0.elapsed())
+                }
+            });
+        let results = futures::future::join_all(fetches).await;
+        let me = self.my_entry();
+        let mut outcomes = BTreeMap::new();
+        let mut changed = false;
+        {
+            let mut counter = self.inner.counter.lock().expect("poisoned");
+            for (peer, result, latency) in results {
+                let outcome = match result.and_then(|state| accept(&counter, peer, state, &me)) {
+                    Ok(mut state) => {
+                        let now = unix_now();
+                        for e in &mut state.entries {
+                            if e.pod == state.pod && e.incarnation == state.incarnation {
+                                e.seen_unix = now;
+                            }
+                        }
+                        changed |= counter.merge(&state.entries);
+                        Outcome::Live {
+                            incarnation: state.incarnation,
+                            latency,
+                        }
+                    }
+                    Err(error) => {
+                        self.inner
+                            .metrics
+                            .peer_errors
+                            .get_or_create(&ErrorKind { kind: error.kind() })
+                            .inc();
+                        tracing::debug!(peer = %peer.pod, addr = %peer.addr, %error, "peer fetch failed");
+                        Outcome::Failed(error.to_string())
+                    }
+                };
+                outcomes.insert(peer.pod.clone(), outcome);
+            }
+        }
+        if changed {
+            self.inner.changed.notify_one();
+        }
+        let metrics = &self.inner.metrics;
+        metrics.fanout_duration.observe(started.elapsed().as_secs_f64());
+        metrics.members.set(members.peers.len() as i64);
+        Round {
+            members: members.peers,
+            discovery_error: members.error,
+            outcomes,
+        }
+    }
+
+    fn view(&self, round: &Round) -> TotalView {
+        let me = self.my_entry();
+        let my_key = me.key();
+        let now = unix_now();
+        let counter = self.inner.counter.lock().expect("poisoned");
+        let mut pods = vec![PodView {
+            pod: me.pod.clone(),
+            incarnation: me.incarnation.clone(),
+            count: me.count,
+            source: Source::Own,
+            latency_ms: None,
+            age_s: None,
+            error: None,
+        }];
+        for entry in counter.entries().filter(|e| e.key() != my_key) {
+            let is_member = round.members.iter().any(|p| p.pod == entry.pod);
+            let (source, latency_ms, error) = match round.outcomes.get(&entry.pod) {
+                Some(Outcome::Live { incarnation, latency }) if *incarnation == entry.incarnation => {
+                    (Source::Live, Some(latency.as_secs_f64() * 1000.0), None)
+                }
+                Some(Outcome::Live { incarnation, .. }) => (
+                    Source::Cached,
+                    None,
+                    Some(format!("an earlier volume; {} now runs incarnation {incarnation}", entry.pod)),
+                ),
+                Some(Outcome::Failed(error)) => (Source::Cached, None, Some(error.clone())),
+                None if entry.pod == me.pod => (
+                    Source::Cached,
+                    None,
+                    Some(format!("an earlier volume; this pod now runs incarnation {}", me.incarnation)),
+                ),
+                None if self.inner.discovery.is_some() && !is_member => {
+                    (Source::Cached, None, Some("not a current member".to_string()))
+                }
+                None => (Source::Cached, None, None),
+            };
+            pods.push(PodView {
+                age_s: (source == Source::Cached && entry.seen_unix > 0)
+                    .then(|| now.saturating_sub(entry.seen_unix)),
+                pod: entry.pod,
+                incarnation: entry.incarnation,
+                count: entry.count,
+                source,
+                latency_ms,
+                error,
+            });
+        }
+        let own_known = counter.get(&my_key).map_or(0, |k| k.count);
+        let total = counter.total() - own_known + me.count.max(own_known);
+        drop(counter);
+        let (members, complete) = match &self.inner.discovery {
+            None => (1, true),
+            Some(_) => (
+                round.members.len(),
+                round.discovery_error.is_none()
+                    && round.members.iter().any(|p| p.pod == me.pod)
+                    && round.members.iter().filter(|p| p.pod != me.pod).all(|p| {
+                        matches!(round.outcomes.get(&p.pod), Some(Outcome::Live { .. }))
+                    }),
+            ),
+        };
+        self.inner.metrics.total.set(total as i64);
+        TotalView {
+            total,
+            complete,
+            members,
+            pods,
+            discovery_error: round.discovery_error.clone(),
+        }
+    }
+}
+
+/// Strict checks on a sibling's answer before any of it is merged.
+fn accept(counter: &Counter, peer: &Peer, state: PeerState, me: &Entry) -> Result<PeerState, FetchError> {
+    if state.pod != peer.pod {
+        return Err(FetchError::Invalid(format!(
+            "{} at {} answered as {:?}",
+            peer.pod, peer.addr, state.pod
+        )));
+    }
+    let from = Key {
+        pod: state.pod.clone(),
+        incarnation: state.incarnation.clone(),
+    };
+    counter
+        .check(&from, &state.entries, me)
+        .map_err(|e| FetchError::Invalid(e.to_string()))?;
+    Ok(state)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Background tasks of a [`Cluster`]; aborted on drop.
+pub struct Background {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
