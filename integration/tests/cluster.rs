@@ -1,0 +1,467 @@
+//! The cluster total against real `tally` processes on distinct loopback
+//! addresses, discovering each other through a real DNS server that
+//! publishes a headless Service's SRV and A records as CoreDNS does.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use tally_integration::harness::{ClusterDns, Http, Tally, TallyOptions, loopback_block};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Generous bound proving "no hang" (deadline 1 s + slack for a loaded CI
+/// machine); the latency targets themselves are measured by scripts/bench.
+const NO_HANG: Duration = Duration::from_secs(4);
+
+struct Pods {
+    dns: ClusterDns,
+    block: [u8; 3],
+    dirs: Vec<TempDir>,
+    pods: Vec<Option<Tally>>,
+    extra_env: Vec<(String, String)>,
+    http: Http,
+}
+
+impl Pods {
+    async fn start(test: u8, n: usize, extra_env: &[(&str, &str)]) -> Pods {
+        let block = loopback_block(test);
+        let dns = ClusterDns::start(Ipv4Addr::new(block[0], block[1], block[2], 2)).await.unwrap();
+        let mut pods = Pods {
+            dns,
+            block,
+            dirs: (0..n).map(|_| tempfile::tempdir().unwrap()).collect(),
+            pods: Vec::new(),
+            extra_env: extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            http: Http::new(),
+        };
+        for i in 0..n {
+            let tally = pods.launch(i);
+            pods.pods.push(Some(tally));
+        }
+        pods.publish_all();
+        pods
+    }
+
+    fn ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(self.block[0], self.block[1], self.block[2], 10 + i as u8)
+    }
+
+    fn options(&self, i: usize) -> TallyOptions {
+        let mut options = TallyOptions::new(self.dirs[i].path())
+            .listen(SocketAddr::new(self.ip(i).into(), 0))
+            .env("POD_NAME", format!("tally-{i}"))
+            .env("TALLY_PEERS_SERVICE", "tally-headless")
+            .env("TALLY_DNS_SERVER", self.dns.addr)
+            .env("TALLY_DNS_MAX_TTL_S", 0);
+        for (k, v) in &self.extra_env {
+            options = options.env(k, v);
+        }
+        options
+    }
+
+    fn launch(&self, i: usize) -> Tally {
+        Tally::start(&self.options(i)).unwrap()
+    }
+
+    fn pod(&self, i: usize) -> &Tally {
+        self.pods[i].as_ref().expect("pod is running")
+    }
+
+    /// Publishes every pod that was started at least once, at its address.
+    fn publish_all(&self) {
+        let names: Vec<String> = (0..self.pods.len()).map(|i| format!("tally-{i}")).collect();
+        let records: Vec<(&str, SocketAddr)> = self
+            .pods
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (names[i].as_str(), p.addr)))
+            .collect();
+        self.dns.publish(&records);
+    }
+
+    async fn visit(&self, i: usize, n: usize) {
+        for _ in 0..n {
+            let reply = self.http.get(&self.pod(i).url("/")).await.unwrap();
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        }
+    }
+
+    async fn total(&self, i: usize) -> (Value, Duration) {
+        let started = Instant::now();
+        let reply = self.http.get(&self.pod(i).url("/visits/total")).await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        (reply.json(), started.elapsed())
+    }
+}
+
+fn row<'a>(view: &'a Value, pod: &str) -> Vec<&'a Value> {
+    view["pods"].as_array().unwrap().iter().filter(|r| r["pod"] == pod).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_pod_reports_the_exact_sum() {
+    let pods = Pods::start(1, 3, &[]).await;
+    pods.visit(0, 5).await;
+    pods.visit(1, 3).await;
+    pods.visit(2, 2).await;
+    for i in 0..3 {
+        let (view, _) = pods.total(i).await;
+        assert_eq!(view["total"], 10, "pod {i}: {view}");
+        assert_eq!(view["complete"], true, "pod {i}: {view}");
+        assert_eq!(view["members"], 3);
+        assert_eq!(view["pods"].as_array().unwrap().len(), 3, "{view}");
+        for j in 0..3 {
+            let want = if i == j { "self" } else { "live" };
+            assert_eq!(row(&view, &format!("tally-{j}"))[0]["source"], want, "{view}");
+        }
+    }
+    let text = pods.http.get(&pods.pod(1).url("/visits/total?format=text")).await.unwrap();
+    assert_eq!(text.body, "10\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_and_hung_pods_keep_their_counts_and_cost_at_most_the_deadline() {
+    let mut pods = Pods::start(2, 3, &[]).await;
+    pods.visit(0, 4).await;
+    pods.visit(1, 6).await;
+    pods.visit(2, 7).await;
+    assert_eq!(pods.total(0).await.0["total"], 17);
+
+    pods.pods[2].take().unwrap().kill9();
+    let (view, took) = pods.total(0).await;
+    assert!(took < NO_HANG, "{took:?}");
+    assert_eq!(view["total"], 17, "{view}");
+    assert_eq!(view["complete"], false);
+    let gone = row(&view, "tally-2")[0];
+    assert_eq!((gone["source"].as_str(), gone["count"].as_u64()), (Some("cached"), Some(7)));
+    assert!(gone["error"].as_str().unwrap().contains("connection"), "{gone}");
+
+    pods.pod(1).signal(Signal::SIGSTOP);
+    let (view, took) = pods.total(0).await;
+    pods.pod(1).signal(Signal::SIGCONT);
+    assert!(took < NO_HANG, "hung peer held the answer for {took:?}");
+    assert_eq!(view["total"], 17, "{view}");
+    let hung = row(&view, "tally-1")[0];
+    assert_eq!(hung["source"], "cached");
+    assert!(hung["error"].as_str().unwrap().contains("ms"), "{hung}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scale_down_and_a_replaced_volume_never_lower_the_total() {
+    let mut pods = Pods::start(3, 3, &[]).await;
+    pods.visit(0, 2).await;
+    pods.visit(1, 3).await;
+    pods.visit(2, 5).await;
+    assert_eq!(pods.total(0).await.0["total"], 10);
+
+    // Scale 3 → 2: tally-2 stops and its records go.
+    pods.pods[2].take().unwrap().terminate(Duration::from_secs(10)).unwrap();
+    pods.publish_all();
+    let (view, _) = pods.total(0).await;
+    assert_eq!(view["total"], 10, "{view}");
+    assert_eq!(view["members"], 2);
+    assert_eq!(view["complete"], true, "both current members answered: {view}");
+    assert_eq!(row(&view, "tally-2")[0]["source"], "cached");
+
+    // tally-1 comes back on a new, empty volume: a new incarnation.
+    let old = pods.total(1).await.0;
+    let old_incarnation = row(&old, "tally-1")[0]["incarnation"].clone();
+    pods.pods[1].take().unwrap().terminate(Duration::from_secs(10)).unwrap();
+    pods.dirs[1] = tempfile::tempdir().unwrap();
+    pods.pods[1] = Some(pods.launch(1));
+    pods.publish_all();
+    pods.visit(1, 4).await;
+    let (view, _) = pods.total(0).await;
+    assert_eq!(view["total"], 14, "old visits stay, new ones add: {view}");
+    let rows = row(&view, "tally-1");
+    assert_eq!(rows.len(), 2, "{view}");
+    let old_row = rows.iter().find(|r| r["incarnation"] == old_incarnation).unwrap();
+    assert_eq!((old_row["count"].as_u64(), old_row["source"].as_str()), (Some(3), Some("cached")));
+    // The new pod learns its predecessor's count too.
+    assert_eq!(pods.total(1).await.0["total"], 14);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn knowledge_travels_through_a_sibling() {
+    let mut pods = Pods::start(4, 3, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
+    pods.visit(2, 9).await;
+    pods.visit(1, 1).await;
+    // B (tally-1) fetches C (tally-2); then C goes away for good.
+    assert_eq!(pods.total(1).await.0["total"], 10);
+    pods.pods[2].take().unwrap().kill9();
+    // A (tally-0) has never talked to C, and C no longer answers.
+    let (view, _) = pods.total(0).await;
+    assert_eq!(view["total"], 10, "{view}");
+    let c = row(&view, "tally-2")[0];
+    assert_eq!((c["count"].as_u64(), c["source"].as_str()), (Some(9), Some("cached")));
+    assert_eq!(view["complete"], false);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_total_survives_a_full_restart() {
+    let mut pods = Pods::start(5, 3, &[]).await;
+    pods.visit(0, 1).await;
+    pods.visit(1, 2).await;
+    pods.visit(2, 3).await;
+    assert_eq!(pods.total(0).await.0["total"], 6);
+    for slot in &mut pods.pods {
+        slot.take().unwrap().terminate(Duration::from_secs(10)).unwrap();
+    }
+    // Only tally-0 is back; its siblings are still down (their records stay).
+    pods.pods[0] = Some(pods.launch(0));
+    let (view, _) = pods.total(0).await;
+    assert_eq!(view["total"], 6, "first answer after a full restart: {view}");
+    assert_eq!(view["complete"], false);
+    pods.pods[1] = Some(pods.launch(1));
+    pods.pods[2] = Some(pods.launch(2));
+    pods.publish_all();
+    let (view, _) = pods.total(0).await;
+    assert_eq!((view["total"].as_u64(), view["complete"].as_bool()), (Some(6), Some(true)), "{view}");
+}
+
+/// How a fake peer misbehaves.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    Garbage,
+    Huge,
+    Negative,
+    /// Answers `count`, then `count - 10` from the second request on.
+    Regressing(u64),
+    SlowDrip,
+    /// A valid answer after 200 ms; counts requests.
+    Slow(u64),
+}
+
+/// A fake sibling `pod` on `ip`; returns its address and request counter.
+async fn fake_peer(ip: Ipv4Addr, pod: &'static str, behaviour: Behaviour) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                    if !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    head.clear();
+                    let nth = seen.fetch_add(1, Ordering::SeqCst);
+                    let state = |count: i64| {
+                        format!(r#"{{"pod":"{pod}","incarnation":"f00d","entries":[{{"pod":"{pod}","incarnation":"f00d","count":{count}}}]}}"#)
+                    };
+                    let body = match behaviour {
+                        Behaviour::Garbage => "{\"pod\": [not json".to_string(),
+                        Behaviour::Negative => state(-5),
+                        Behaviour::Regressing(count) => state(if nth == 0 { count as i64 } else { count as i64 - 10 }),
+                        Behaviour::Slow(count) => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            state(count as i64)
+                        }
+                        Behaviour::Huge => {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 104857600\r\n\r\n")
+                                .await;
+                            let chunk = vec![b' '; 64 * 1024];
+                            for _ in 0..1600 {
+                                if stream.write_all(&chunk).await.is_err() {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
+                        Behaviour::SlowDrip => {
+                            let body = state(1);
+                            let _ = stream
+                                .write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes())
+                                .await;
+                            for byte in body.bytes() {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                if stream.write_all(&[byte]).await.is_err() {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
+                    };
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, requests)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_peers_are_refused_and_reported_and_change_nothing() {
+    let pods = Pods::start(6, 1, &[]).await;
+    pods.visit(0, 3).await;
+    let base = pods.block;
+    let ip = |n| Ipv4Addr::new(base[0], base[1], base[2], n);
+    let fakes = [
+        ("tally-1", Behaviour::Garbage, "malformed"),
+        ("tally-2", Behaviour::Huge, "larger than"),
+        ("tally-3", Behaviour::Negative, "malformed"),
+        ("tally-4", Behaviour::Regressing(50), "never go down"),
+        ("tally-5", Behaviour::SlowDrip, "no answer within"),
+    ];
+    let mut records = vec![("tally-0", pods.pod(0).addr)];
+    for (i, (name, behaviour, _)) in fakes.iter().enumerate() {
+        let (addr, _) = fake_peer(ip(100 + i as u8), name, *behaviour).await;
+        records.push((name, addr));
+    }
+    pods.dns.publish(&records);
+    // First round: only the regressing peer's first answer (50) is valid.
+    let (view, took) = pods.total(0).await;
+    assert!(took < NO_HANG, "{took:?}");
+    assert_eq!(view["total"], 53, "{view}");
+    // Second round: it now claims 40 for the same incarnation: refused.
+    let (view, took) = pods.total(0).await;
+    assert!(took < NO_HANG, "{took:?}");
+    assert_eq!(view["total"], 53, "{view}");
+    assert_eq!(view["complete"], false);
+    for (name, _, why) in fakes {
+        let rows = row(&view, name);
+        if name == "tally-4" {
+            assert_eq!(rows[0]["count"], 50, "{view}");
+        }
+        let error = rows.first().and_then(|r| r["error"].as_str());
+        // Refused peers with no accepted state have no row; their errors
+        // are in the metrics.
+        if let Some(error) = error {
+            assert!(error.contains(why), "{name}: {error}");
+        }
+    }
+    let metrics = pods.http.get(&pods.pod(0).url("/metrics")).await.unwrap().body;
+    for kind in ["malformed", "too_large", "invalid", "timeout"] {
+        assert!(metrics.contains(&format!("tally_peer_errors_total{{kind=\"{kind}\"}}")), "{kind}: {metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nxdomain_names_the_query_and_a_silent_dns_keeps_the_members() {
+    let mut pods = Pods::start(7, 3, &[]).await;
+    pods.visit(1, 2).await;
+    assert_eq!(pods.total(0).await.0["complete"], true);
+
+    pods.dns.silence();
+    let (view, took) = pods.total(0).await;
+    assert!(took < NO_HANG, "{took:?}");
+    assert_eq!(view["members"], 3, "{view}");
+    assert_eq!(view["total"], 2);
+    let error = view["discovery_error"].as_str().unwrap();
+    assert!(error.contains("_http._tcp.tally-headless.default.svc.cluster.local.") && error.contains("3 last known"), "{error}");
+
+    // A pod told to look up a Service that does not exist.
+    let dns = ClusterDns::start(Ipv4Addr::new(pods.block[0], pods.block[1], pods.block[2], 3)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lost = TallyOptions::new(dir.path())
+        .listen(SocketAddr::new(pods.ip(9).into(), 0))
+        .env("POD_NAME", "web-0")
+        .env("TALLY_PEERS_SERVICE", "web")
+        .env("TALLY_DNS_SERVER", dns.addr);
+    let tally = Tally::start(&lost).unwrap();
+    let view = pods.http.get(&tally.url("/visits/total")).await.unwrap().json();
+    let error = view["discovery_error"].as_str().unwrap();
+    assert!(error.contains("_http._tcp.web.default.svc.cluster.local.") && error.contains("NXDOMAIN"), "{error}");
+    assert_eq!((view["members"].as_u64(), view["complete"].as_bool()), (Some(0), Some(false)));
+
+    let out = lost.clone().arg("peers").run();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("_http._tcp.web.default.svc.cluster.local.") && stderr.contains("NXDOMAIN"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_totals_share_a_handful_of_fetches() {
+    let pods = Pods::start(8, 1, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
+    let b = pods.block;
+    let (addr, fetches) = fake_peer(Ipv4Addr::new(b[0], b[1], b[2], 100), "tally-1", Behaviour::Slow(5)).await;
+    pods.dns.publish(&[("tally-0", pods.pod(0).addr), ("tally-1", addr)]);
+    let url = pods.pod(0).url("/visits/total");
+    let requests: Vec<_> = (0..1000)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { Http::new().get(&url).await.unwrap().json()["total"].as_u64() })
+        })
+        .collect();
+    for r in requests {
+        assert_eq!(r.await.unwrap(), Some(5));
+    }
+    let n = fetches.load(Ordering::SeqCst);
+    assert!((1..=10).contains(&n), "{n} fetches for 1000 requests");
+    let metrics = pods.http.get(&pods.pod(0).url("/metrics")).await.unwrap().body;
+    assert!(!metrics.contains("tally_total_requests_coalesced_total 0\n"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_never_calls_itself() {
+    // Alone in DNS, with background refresh on: any hit on its peer route
+    // would be a call to itself.
+    let pods = Pods::start(9, 1, &[("TALLY_REFRESH_INTERVAL_MS", "50")]).await;
+    pods.visit(0, 2).await;
+    for _ in 0..5 {
+        let (view, _) = pods.total(0).await;
+        assert_eq!((view["members"].as_u64(), view["complete"].as_bool()), (Some(1), Some(true)), "{view}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = pods.http.get(&pods.pod(0).url("/metrics")).await.unwrap().body;
+    assert!(!metrics.contains("route=\"/peer/state\""), "tally-0 fetched itself:\n{metrics}");
+    assert!(metrics.contains("tally_peer_fetches_total 0"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tally_peers_shows_what_the_pod_resolves() {
+    let pods = Pods::start(11, 2, &[]).await;
+    pods.visit(1, 4).await;
+    let out = pods.options(0).arg("peers").run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "SRV _http._tcp.tally-headless.default.svc.cluster.local.",
+        "2 member(s)",
+        "tally-1.tally-headless.default.svc.cluster.local.",
+        "(this pod)",
+        &pods.pod(1).addr.to_string(),
+    ] {
+        assert!(stdout.contains(want), "{want}: {stdout}");
+    }
+    let tally1 = stdout.lines().find(|l| l.trim_start().starts_with("tally-1 ")).unwrap();
+    assert!(tally1.split_whitespace().nth(2) == Some("4"), "{tally1}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_peer_token_is_required_when_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let token = token.display().to_string();
+    let pods = Pods::start(10, 2, &[("TALLY_PEER_TOKEN_FILE", &token)]).await;
+    pods.visit(1, 3).await;
+    let (view, _) = pods.total(0).await;
+    assert_eq!((view["total"].as_u64(), view["complete"].as_bool()), (Some(3), Some(true)), "{view}");
+    let anonymous = pods.http.get(&pods.pod(1).url("/peer/state")).await.unwrap();
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    let metrics = pods.http.get(&pods.pod(1).url("/metrics")).await.unwrap().body;
+    assert!(metrics.contains("tally_peer_auth_failures_total 1"), "{metrics}");
+}
