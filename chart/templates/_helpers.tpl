@@ -132,13 +132,13 @@ config file, the data volume and the token file are wired to each other here.
 {{- define "tally.dataDir" -}}/data{{- end }}
 
 {{/*
-The tally config file (JSON). Keys are tally's config-file keys; the chart adds
-the two that must agree with the rest of the manifests (the listen port and the
-SRV port name of the headless Service), then config.* from values.
+The tally config file (JSON): config.* from values, keys as tally's config
+file spells them. What must agree with the rest of the manifests (listen port,
+SRV port name, data directory, identity, headless Service, token file) is set
+through the environment instead, which also overrides the image's own ENV.
 */}}
 {{- define "tally.configJson" -}}
-{{- $wired := dict "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.http)) "peers_port_name" "http" }}
-{{- merge $wired (deepCopy .Values.config) | toPrettyJson }}
+{{- .Values.config | toPrettyJson }}
 {{- end }}
 
 {{/*
