@@ -1026,6 +1026,17 @@ async fn probe_once(ip: Ipv4Addr, spec: &ProbeSpec) -> (bool, String) {
     }
 }
 
+/// A small xorshift generator: the proxy picks endpoints at random, as
+/// kube-proxy's iptables mode does (`statistic --mode random`).
+fn next_random(state: &AtomicUsize) -> usize {
+    let mut x = state.load(Ordering::Relaxed) | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    state.store(x, Ordering::Relaxed);
+    x
+}
+
 async fn proxy_listener(addr: SocketAddr, table: ProxyTable) {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
@@ -1034,16 +1045,17 @@ async fn proxy_listener(addr: SocketAddr, table: ProxyTable) {
             return;
         }
     };
-    let next = Arc::new(AtomicUsize::new(0));
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as usize);
+    let rng = Arc::new(AtomicUsize::new(seed));
     while let Ok((mut inbound, _)) = listener.accept().await {
         let table = table.clone();
-        let next = next.clone();
+        let rng = rng.clone();
         tokio::spawn(async move {
             let eps = table.read().map(|t| t.get(&addr).cloned().unwrap_or_default()).unwrap_or_default();
             if eps.is_empty() {
                 return; // no ready endpoint: the connection is closed, like kube-proxy's reject.
             }
-            let start = next.fetch_add(1, Ordering::Relaxed);
+            let start = next_random(&rng) % eps.len();
             for i in 0..eps.len() {
                 let ep = eps[(start + i) % eps.len()];
                 if let Ok(Ok(mut outbound)) = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(ep)).await {

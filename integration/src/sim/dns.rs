@@ -161,6 +161,9 @@ impl Zone {
     pub fn answer(&self, request: &Message) -> Message {
         let mut resp = Message::response(request.metadata.id, request.metadata.op_code);
         resp.metadata.recursion_desired = request.metadata.recursion_desired;
+        // CoreDNS answers as a recursive resolver would (RA set); clients such
+        // as nslookup warn otherwise.
+        resp.metadata.recursion_available = true;
         if request.metadata.op_code != OpCode::Query || request.metadata.message_type != MessageType::Query {
             resp.metadata.response_code = ResponseCode::NotImp;
             return resp;
@@ -196,7 +199,6 @@ impl Zone {
             return resp;
         }
         if !in_zone {
-            resp.metadata.recursion_available = true;
             resp.metadata.response_code = ResponseCode::NXDomain;
             return resp;
         }

@@ -165,9 +165,24 @@ impl Manifests {
     }
 }
 
+/// The helm to run: `$HELM`, else `helm` from PATH, else the one
+/// `scripts/lib.sh need_helm` installs into `.tools/bin`.
+pub fn helm_binary() -> std::path::PathBuf {
+    if let Some(h) = std::env::var_os("HELM") {
+        return h.into();
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("helm").is_file()))
+        .unwrap_or(false);
+    if on_path {
+        return "helm".into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/helm")
+}
+
 /// Runs `helm template <release> <chart> <args...>` and returns its output.
 pub fn helm_template(chart: &Path, release: &str, args: &[String]) -> Result<String> {
-    let output = Command::new("helm")
+    let output = Command::new(helm_binary())
         .arg("template")
         .arg(release)
         .arg(chart)

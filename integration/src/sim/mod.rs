@@ -183,8 +183,10 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         if opts.detach {
-            // The daemon is its own session leader now; nobody waits for it here.
+            // The daemon is its own session leader now; nobody waits for it
+            // here, and dropping this handle leaves the cluster running.
             cluster.daemon = None;
+            cluster.down = true;
         }
         Ok(cluster)
     }

@@ -1,0 +1,464 @@
+//! End-to-end suite: the chart, rendered by `helm template`, run by the
+//! StatefulSet simulator as real `tally` processes (integration/README.md).
+//!
+//! Needs root (namespaces, mounts), `helm` and `nslookup` (installed on first
+//! use through scripts/lib.sh) and a built `tally` (`cargo build -p tally`, or
+//! `TALLY_BIN`). Run: `cargo test -p tally-integration --test e2e`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tally_integration::sim::manifest::{Manifests, helm_template};
+use tally_integration::sim::{Cluster, ClusterOptions, cleanup, require_root};
+
+const PORT: u16 = 8080;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Root, helm, nslookup and the tally binary, checked (and installed) once.
+fn prerequisites() -> PathBuf {
+    static TALLY: OnceLock<PathBuf> = OnceLock::new();
+    TALLY
+        .get_or_init(|| {
+            require_root().unwrap_or_else(|e| panic!("{e:#}"));
+            let status = Command::new("bash")
+                .arg("-c")
+                .arg("source scripts/lib.sh && need_helm && need_apt dnsutils:nslookup iproute2:ip")
+                .current_dir(root())
+                .status()
+                .expect("running bash");
+            assert!(status.success(), "installing helm/dnsutils through scripts/lib.sh failed");
+            let tally = std::env::var_os("TALLY_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root().join("target/debug/tally"));
+            assert!(
+                tally.is_file(),
+                "{} does not exist: build it first with `cargo build -p tally` (or set TALLY_BIN)",
+                tally.display()
+            );
+            tally
+        })
+        .clone()
+}
+
+/// Value overrides that make probes and shutdown fast enough for a test.
+fn fast(extra: &[&str]) -> Vec<String> {
+    let mut sets = vec![
+        "startupProbe.periodSeconds=1",
+        "readinessProbe.periodSeconds=1",
+        "readinessProbe.failureThreshold=2",
+        "readinessProbe.timeoutSeconds=1",
+        "livenessProbe.periodSeconds=1",
+        "livenessProbe.failureThreshold=2",
+        "livenessProbe.timeoutSeconds=1",
+        "terminationGracePeriodSeconds=4",
+        "config.shutdown_grace_s=2",
+        "config.dns_max_ttl_s=1",
+        "config.refresh_interval_ms=1000",
+    ];
+    sets.extend_from_slice(extra);
+    sets.iter().flat_map(|s| ["--set".to_string(), s.to_string()]).collect()
+}
+
+fn render(extra: &[&str]) -> String {
+    helm_template(&root().join("chart"), "tally", &fast(extra)).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn start(name: &str, manifests: String) -> Cluster {
+    let mut opts = ClusterOptions::new(name, env!("CARGO_BIN_EXE_tally-sim"), prerequisites(), manifests);
+    opts.dns_ttl = 1;
+    opts.restart_backoff = Duration::from_secs(1);
+    Cluster::start(&opts).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn up(name: &str, extra: &[&str]) -> Cluster {
+    prerequisites();
+    let c = start(name, render(extra));
+    c.wait_ready(Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e:#}"));
+    c
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+fn local_count(c: &Cluster, pod: &str) -> u64 {
+    let r = c.pod_get(pod, PORT, "/visits/local").unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(r.status, 200, "{pod} /visits/local: {}", r.body);
+    json(&r.body)["count"].as_u64().expect("count")
+}
+
+fn total_of(c: &Cluster, pod: &str) -> Value {
+    let r = c.pod_get(pod, PORT, "/visits/total").unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(r.status, 200, "{pod} /visits/total: {}", r.body);
+    json(&r.body)
+}
+
+fn visit(c: &Cluster) -> bool {
+    matches!(c.curl("/"), Ok(r) if r.status == 200)
+}
+
+/// Samples `/visits/total` through the client Service until stopped.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<(f64, u64, String)>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(c: &Cluster) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let status = c.status().expect("status");
+        let ns = status.client_netns.clone();
+        let addr: std::net::SocketAddr = status.client_service.expect("client Service").parse().unwrap();
+        let (s2, st2) = (samples.clone(), stop.clone());
+        let t0 = Instant::now();
+        let handle = std::thread::spawn(move || {
+            tally_integration::sim::net::enter(&ns).expect("enter client netns");
+            while !st2.load(Ordering::Relaxed) {
+                if let Ok(r) = tally_integration::sim::net::http_get(addr, "/visits/total", Duration::from_secs(3)) {
+                    if r.status == 200 {
+                        if let Ok(v) = serde_json::from_str::<Value>(&r.body) {
+                            if let Some(total) = v["total"].as_u64() {
+                                let who = v["pods"]
+                                    .as_array()
+                                    .and_then(|p| p.iter().find(|x| x["source"] == "self"))
+                                    .and_then(|x| x["pod"].as_str())
+                                    .unwrap_or("?")
+                                    .to_string();
+                                s2.lock().unwrap().push((t0.elapsed().as_secs_f64(), total, who));
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Sampler { stop, samples, handle: Some(handle) }
+    }
+
+    /// Stops and asserts the total never went down; returns the samples.
+    fn finish(mut self, what: &str) -> Vec<(f64, u64, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().expect("sampler thread");
+        let samples = self.samples.lock().unwrap().clone();
+        assert!(samples.len() >= 5, "{what}: only {} samples of /visits/total", samples.len());
+        for w in samples.windows(2) {
+            assert!(
+                w[1].1 >= w[0].1,
+                "{what}: the total went down from {} (t={:.2}s, answered by {}) to {} (t={:.2}s, answered by {})",
+                w[0].1,
+                w[0].0,
+                w[0].2,
+                w[1].1,
+                w[1].0,
+                w[1].2
+            );
+        }
+        samples
+    }
+}
+
+/// Sends visits through the client Service until stopped; counts the
+/// acknowledged ones.
+struct Visitor {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Visitor {
+    fn start(c: &Cluster) -> Visitor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let status = c.status().expect("status");
+        let ns = status.client_netns.clone();
+        let addr: std::net::SocketAddr = status.client_service.expect("client Service").parse().unwrap();
+        let (a2, st2) = (acked.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            tally_integration::sim::net::enter(&ns).expect("enter client netns");
+            while !st2.load(Ordering::Relaxed) {
+                if matches!(tally_integration::sim::net::http_get(addr, "/", Duration::from_secs(3)), Ok(r) if r.status == 200) {
+                    a2.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Visitor { stop, acked, handle: Some(handle) }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().expect("visitor thread");
+        self.acked.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits until `pod` reports a complete total equal to `expected`.
+fn wait_total(c: &Cluster, pod: &str, expected: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = total_of(c, pod);
+        if v["complete"] == true && v["total"].as_u64() == Some(expected) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{pod}: /visits/total never became {expected} and complete; last: {v}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn assert_clean(name: &str, state_dir: &Path, tracked: &tally_integration::sim::Tracked) {
+    let left = cleanup::leftovers(name, state_dir, &tracked.pids, &tracked.inodes);
+    assert!(left.is_empty(), "cluster {name} left things behind:\n{}", left.join("\n"));
+    assert!(!tracked.pids.is_empty() && !tracked.inodes.is_empty(), "nothing was tracked, the check proves nothing");
+}
+
+fn ip_of(c: &Cluster, pod: &str) -> String {
+    c.status().unwrap().pods.iter().find(|p| p.name == pod).expect("pod").ip.to_string()
+}
+
+#[test]
+fn three_replicas_visits_dns_peers_delete_and_liveness() {
+    let t0 = Instant::now();
+    let mut c = up("e2e-main", &[]);
+    // `get`: 3/3 Ready, three claims, both Services.
+    let table = c.get().unwrap();
+    println!("{table}");
+    assert!(table.contains("statefulset.apps/tally   3/3"), "{table}");
+    for p in 0..3 {
+        assert!(table.contains(&format!("persistentvolumeclaim/data-tally-{p}")), "{table}");
+    }
+    assert!(table.contains("service/tally-headless") && table.contains("service/tally "), "{table}");
+    assert_eq!(table.matches("1/1     Running").count(), 3, "{table}");
+
+    // 300 visits through the client Service, spread over the pods.
+    for i in 0..300 {
+        assert!(visit(&c), "visit {i} through the client Service failed");
+    }
+    let counts: BTreeMap<String, u64> = (0..3).map(|p| (format!("tally-{p}"), local_count(&c, &format!("tally-{p}")))).collect();
+    println!("per-pod counts after 300 visits: {counts:?}");
+    assert_eq!(counts.values().sum::<u64>(), 300, "{counts:?}");
+    assert!(counts.values().all(|n| *n > 0 && *n < 300), "every pod must have served part of the visits: {counts:?}");
+    for p in 0..3 {
+        let v = wait_total(&c, &format!("tally-{p}"), 300);
+        assert_eq!(v["members"], 3, "{v}");
+    }
+
+    // DNS from inside a pod: the old lab's lookup.
+    let out = c.exec("tally-0", &["nslookup", "tally-1.tally-headless"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "nslookup failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("Address: {}", ip_of(&c, "tally-1"))), "{text}");
+
+    // `tally peers` lists every member.
+    let out = c.exec("tally-0", &["tally", "peers"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(out.status.success(), "tally peers failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    for p in 0..3 {
+        assert!(text.contains(&format!("tally-{p}.tally-headless.default.svc.cluster.local")), "{text}");
+    }
+
+    // Delete pod 0: it comes back with its count; the total never drops.
+    let before = counts["tally-0"];
+    let sampler = Sampler::start(&c);
+    std::thread::sleep(Duration::from_millis(500));
+    let old_ip = ip_of(&c, "tally-0");
+    c.delete_pod("tally-0").unwrap();
+    c.wait_until("tally-0 to be replaced", Duration::from_secs(30), |s| {
+        s.pods.iter().any(|p| p.name == "tally-0" && p.ip.to_string() != old_ip)
+    })
+    .unwrap();
+    c.wait_ready(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = sampler.finish("while tally-0 was deleted");
+    assert!(samples.iter().all(|s| s.1 >= 300), "{samples:?}");
+    assert_eq!(local_count(&c, "tally-0"), before, "tally-0 lost visits across deletion");
+
+    // SIGSTOP pod 2: not Ready -> out of the Service; liveness restarts it.
+    let pid = c.status().unwrap().pods.iter().find(|p| p.name == "tally-2").unwrap().pid.unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let ip2 = ip_of(&c, "tally-2");
+    c.wait_until("tally-2 to become not Ready", Duration::from_secs(20), |s| {
+        s.pods.iter().any(|p| p.name == "tally-2" && !p.ready)
+            && s.services.iter().find(|x| x.name == "tally").is_some_and(|x| !x.ready_endpoints.iter().any(|e| e.starts_with(&format!("{ip2}:"))))
+    })
+    .unwrap();
+    let still_stopped = c.status().unwrap().pods.iter().find(|p| p.name == "tally-2").unwrap().restarts == 0;
+    if still_stopped {
+        for _ in 0..20 {
+            let r = c.curl("/visits/local").unwrap();
+            assert_eq!(r.status, 200);
+            assert_ne!(json(&r.body)["pod"], "tally-2", "a not-Ready pod answered through the client Service");
+        }
+    }
+    c.wait_until("tally-2 to be restarted by its liveness probe and Ready", Duration::from_secs(40), |s| {
+        s.pods.iter().any(|p| p.name == "tally-2" && p.restarts == 1 && p.ready && p.pid != Some(pid))
+    })
+    .unwrap();
+    let events = c.events().unwrap();
+    assert!(
+        events.iter().any(|e| e.object == "pod/tally-2" && e.reason == "Killing" && e.message.contains("liveness")),
+        "no liveness kill event for tally-2"
+    );
+    assert!(c.get().unwrap().lines().any(|l| l.starts_with("pod/tally-2") && l.split_whitespace().nth(3) == Some("1")));
+
+    // Down leaves nothing behind.
+    let tracked = c.tracker().lock().unwrap().clone();
+    let state_dir = c.state_dir.clone();
+    c.down().unwrap();
+    assert_clean("e2e-main", &state_dir, &tracked);
+    println!("three_replicas_visits_dns_peers_delete_and_liveness: {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn service_name_without_headless_service_is_nxdomain() {
+    prerequisites();
+    let t0 = Instant::now();
+    let mut m = Manifests::parse(&render(&["replicaCount=2"])).unwrap();
+    // The old labs' bug: serviceName names no headless Service.
+    m.stateful_set_mut().spec.service_name = Some("tally-nowhere".into());
+    let c = start("e2e-nxdomain", m.to_yaml().unwrap());
+    c.wait_ready(Duration::from_secs(90)).unwrap();
+    let out = c.exec("tally-0", &["nslookup", "tally-1.tally-headless"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the lookup should fail: {text}");
+    assert!(text.contains("NXDOMAIN"), "{text}");
+    let out = c.exec("tally-0", &["nslookup", "tally-1.tally-nowhere"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NXDOMAIN"));
+    println!("service_name_without_headless_service_is_nxdomain: {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+fn first(events: &[tally_integration::sim::Event], object: &str, reason: &str) -> f64 {
+    events
+        .iter()
+        .find(|e| e.object == object && e.reason == reason)
+        .unwrap_or_else(|| panic!("no {reason} event for {object}"))
+        .t
+}
+
+#[test]
+fn parallel_starts_together_ordered_ready_one_by_one() {
+    prerequisites();
+    let t0 = Instant::now();
+    let par = up("e2e-parallel", &["podManagementPolicy=Parallel"]);
+    let ev = par.events().unwrap();
+    let last_scheduled = (0..3).map(|p| first(&ev, &format!("pod/tally-{p}"), "Scheduled")).fold(0.0, f64::max);
+    let first_ready = (0..3).map(|p| first(&ev, &format!("pod/tally-{p}"), "Ready")).fold(f64::MAX, f64::min);
+    assert!(last_scheduled < first_ready, "Parallel: all pods should start before any is Ready: {ev:?}");
+    drop(par);
+
+    let ord = up("e2e-ordered", &["podManagementPolicy=OrderedReady"]);
+    let ev = ord.events().unwrap();
+    for p in 0..2 {
+        let ready = first(&ev, &format!("pod/tally-{p}"), "Ready");
+        let next = first(&ev, &format!("pod/tally-{}", p + 1), "Scheduled");
+        assert!(ready <= next, "OrderedReady: tally-{} started ({next:.2}s) before tally-{p} was Ready ({ready:.2}s)", p + 1);
+    }
+    // Scale down goes from the highest ordinal, one at a time.
+    ord.scale(1).unwrap();
+    ord.wait_until("scale to 1", Duration::from_secs(60), |s| s.pods.len() == 1 && s.ready_replicas == 1).unwrap();
+    let ev = ord.events().unwrap();
+    let del2 = first(&ev, "pod/tally-2", "Deleted");
+    let kill1 = ev.iter().rev().find(|e| e.object == "pod/tally-1" && e.reason == "Killing").unwrap().t;
+    assert!(del2 <= kill1, "OrderedReady scale-down must remove tally-2 before touching tally-1");
+    println!("parallel_starts_together_ordered_ready_one_by_one: {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn rolling_update_with_partition_canary_then_rest() {
+    let t0 = Instant::now();
+    let c = up("e2e-rollout", &[]);
+    let old_rev = c.status().unwrap().update_revision;
+    let visitor = Visitor::start(&c);
+    let sampler = Sampler::start(&c);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Canary: a template change with partition 2 replaces only tally-2.
+    let msg = c.apply(&render(&["podAnnotations.rollout=canary", "updateStrategy.rollingUpdate.partition=2"])).unwrap();
+    println!("upgrade: {msg}");
+    let s = c
+        .wait_until("tally-2 at the new revision", Duration::from_secs(60), |s| {
+            s.pods.iter().any(|p| p.name == "tally-2" && p.revision == s.update_revision && p.ready)
+        })
+        .unwrap();
+    assert_ne!(s.update_revision, old_rev);
+    std::thread::sleep(Duration::from_secs(3));
+    let s = c.status().unwrap();
+    for p in &s.pods {
+        let expected = if p.ordinal == 2 { &s.update_revision } else { &old_rev };
+        assert_eq!(&p.revision, expected, "partition 2 must leave {} alone", p.name);
+    }
+
+    // Partition 0: the rest, highest ordinal first.
+    c.apply(&render(&["podAnnotations.rollout=canary", "updateStrategy.rollingUpdate.partition=0"])).unwrap();
+    c.wait_ready(Duration::from_secs(90)).unwrap();
+    let ev = c.events().unwrap();
+    let replaced: Vec<&str> = ev
+        .iter()
+        .filter(|e| e.reason == "RollingUpdate")
+        .map(|e| e.message.split_whitespace().nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(replaced, ["tally-2", "tally-1", "tally-0"], "rolling update order");
+
+    let acked = visitor.finish();
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = sampler.finish("during the rolling update");
+    println!("rollout: {acked} visits acknowledged, {} samples, last total {}", samples.len(), samples.last().unwrap().1);
+    wait_total(&c, "tally-0", acked);
+    println!("rolling_update_with_partition_canary_then_rest: {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn scale_3_5_2_while_visiting_keeps_the_total() {
+    let t0 = Instant::now();
+    let c = up("e2e-scale", &[]);
+    let visitor = Visitor::start(&c);
+    let sampler = Sampler::start(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    c.scale(5).unwrap();
+    c.wait_ready(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    c.scale(2).unwrap();
+    c.wait_ready(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let acked = visitor.finish();
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = sampler.finish("while scaling 3 -> 5 -> 2");
+    println!("scale: {acked} visits acknowledged, {} samples", samples.len());
+    assert!(acked > 50, "too few visits acknowledged ({acked}) to mean anything");
+    let claims: HashSet<String> = c.status().unwrap().claims.iter().map(|c| c.name.clone()).collect();
+    assert_eq!(claims.len(), 5, "claims survive scale-down: {claims:?}");
+    for pod in ["tally-0", "tally-1"] {
+        let v = wait_total(&c, pod, acked);
+        assert_eq!(v["members"], 2, "{v}");
+    }
+    println!("scale_3_5_2_while_visiting_keeps_the_total: {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn a_failed_test_leaves_nothing_behind() {
+    prerequisites();
+    let manifests = render(&["replicaCount=1"]);
+    let tracked: Arc<Mutex<Option<(PathBuf, Arc<Mutex<tally_integration::sim::Tracked>>)>>> = Arc::default();
+    let t2 = tracked.clone();
+    let result = std::panic::catch_unwind(move || {
+        let c = start("e2e-panic", manifests);
+        c.wait_ready(Duration::from_secs(60)).unwrap();
+        *t2.lock().unwrap() = Some((c.state_dir.clone(), c.tracker()));
+        panic!("deliberate failure with a running cluster");
+    });
+    assert!(result.is_err());
+    let (state_dir, tracker) = tracked.lock().unwrap().take().expect("the cluster came up");
+    let seen = tracker.lock().unwrap().clone();
+    assert_clean("e2e-panic", &state_dir, &seen);
+}
