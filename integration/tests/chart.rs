@@ -24,8 +24,8 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::Resource;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EnvVar, Pod, PodSecurityContext, PodSpec, Probe, Secret,
-    SecurityContext, Service, ServiceAccount,
+    ConfigMap, Container, EnvVar, Pod, PodSecurityContext, PodSpec, Probe, Secret, SecurityContext,
+    Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy, NetworkPolicyPort};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -109,7 +109,11 @@ fn run_helm(args: &[&str]) -> Result<String> {
         .output()
         .context("running helm")?;
     if !out.status.success() {
-        bail!("helm {} failed:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "helm {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }
@@ -156,7 +160,11 @@ impl Rendered {
             })
             .map(|d| {
                 serde_yaml::from_value(d.clone()).unwrap_or_else(|e| {
-                    panic!("{}: a {} does not parse as Kubernetes expects: {e}", self.set, T::KIND)
+                    panic!(
+                        "{}: a {} does not parse as Kubernetes expects: {e}",
+                        self.set,
+                        T::KIND
+                    )
                 })
             })
             .collect()
@@ -164,7 +172,14 @@ impl Rendered {
 
     fn one<T: Resource + DeserializeOwned>(&self) -> T {
         let mut all = self.all::<T>();
-        assert_eq!(all.len(), 1, "{}: expected exactly one {}, found {}", self.set, T::KIND, all.len());
+        assert_eq!(
+            all.len(),
+            1,
+            "{}: expected exactly one {}, found {}",
+            self.set,
+            T::KIND,
+            all.len()
+        );
         all.remove(0)
     }
 
@@ -183,14 +198,23 @@ impl Rendered {
     }
 
     fn service_named(&self, name: &str) -> Option<Service> {
-        self.all::<Service>().into_iter().find(|s| s.metadata.name.as_deref() == Some(name))
+        self.all::<Service>()
+            .into_iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
     }
 
     /// The Service the StatefulSet names as its `serviceName`.
     fn headless(&self) -> Service {
-        let name = sts_spec(&self.statefulset()).service_name.clone().unwrap_or_default();
-        self.service_named(&name)
-            .unwrap_or_else(|| panic!("{}: serviceName {name:?} names no rendered Service", self.set))
+        let name = sts_spec(&self.statefulset())
+            .service_name
+            .clone()
+            .unwrap_or_default();
+        self.service_named(&name).unwrap_or_else(|| {
+            panic!(
+                "{}: serviceName {name:?} names no rendered Service",
+                self.set
+            )
+        })
     }
 
     /// The client Service: the one that is not headless.
@@ -200,17 +224,31 @@ impl Rendered {
             .into_iter()
             .filter(|s| s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) != Some("None"))
             .collect();
-        assert_eq!(clients.len(), 1, "{}: expected one client Service", self.set);
+        assert_eq!(
+            clients.len(),
+            1,
+            "{}: expected one client Service",
+            self.set
+        );
         clients.into_iter().next().unwrap()
     }
 
     fn pod_spec(&self) -> PodSpec {
-        sts_spec(&self.statefulset()).template.spec.clone().expect("pod template has a spec")
+        sts_spec(&self.statefulset())
+            .template
+            .spec
+            .clone()
+            .expect("pod template has a spec")
     }
 
     fn container(&self) -> Container {
         let spec = self.pod_spec();
-        assert_eq!(spec.containers.len(), 1, "{}: one container expected", self.set);
+        assert_eq!(
+            spec.containers.len(),
+            1,
+            "{}: one container expected",
+            self.set
+        );
         spec.containers[0].clone()
     }
 
@@ -221,21 +259,29 @@ impl Rendered {
     fn value(&self, path: &str) -> &Value {
         let mut node = &self.values;
         for part in path.split('.') {
-            node = node.get(part).unwrap_or_else(|| panic!("values have no {path}"));
+            node = node
+                .get(part)
+                .unwrap_or_else(|| panic!("values have no {path}"));
         }
         node
     }
 
     fn bool(&self, path: &str) -> bool {
-        self.value(path).as_bool().unwrap_or_else(|| panic!("{path} is not a boolean"))
+        self.value(path)
+            .as_bool()
+            .unwrap_or_else(|| panic!("{path} is not a boolean"))
     }
 
     fn int(&self, path: &str) -> i64 {
-        self.value(path).as_i64().unwrap_or_else(|| panic!("{path} is not an integer"))
+        self.value(path)
+            .as_i64()
+            .unwrap_or_else(|| panic!("{path} is not an integer"))
     }
 
     fn str(&self, path: &str) -> &str {
-        self.value(path).as_str().unwrap_or_else(|| panic!("{path} is not a string"))
+        self.value(path)
+            .as_str()
+            .unwrap_or_else(|| panic!("{path} is not a string"))
     }
 
     /// The config.json the chart renders into its ConfigMap.
@@ -256,7 +302,10 @@ impl Rendered {
     }
 
     fn env_value(&self, name: &str) -> Option<String> {
-        self.env().into_iter().find(|e| e.name == name).and_then(|e| e.value)
+        self.env()
+            .into_iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value)
     }
 }
 
@@ -284,7 +333,11 @@ fn load_yaml(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let value: Value =
         serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    if value.is_null() { Value::Mapping(Mapping::new()) } else { value }
+    if value.is_null() {
+        Value::Mapping(Mapping::new())
+    } else {
+        value
+    }
 }
 
 /// Every chart/ci/*-values.yaml, rendered once for all tests.
@@ -298,7 +351,11 @@ fn renders() -> &'static [Rendered] {
             .filter(|p| p.to_string_lossy().ends_with("-values.yaml"))
             .collect();
         files.sort();
-        assert!(files.len() >= 6, "expected at least 6 value sets in {}", dir.display());
+        assert!(
+            files.len() >= 6,
+            "expected at least 6 value sets in {}",
+            dir.display()
+        );
         let defaults = load_yaml(&chart_dir().join("values.yaml"));
         files
             .into_iter()
@@ -315,7 +372,13 @@ fn renders() -> &'static [Rendered] {
                 let rendered = template(&release, &["-f", file.to_str().unwrap()])
                     .unwrap_or_else(|e| panic!("{set}: {e:#}"));
                 let docs = parse_documents(&rendered).unwrap_or_else(|e| panic!("{set}: {e:#}"));
-                Rendered { set, release, values, file, docs }
+                Rendered {
+                    set,
+                    release,
+                    values,
+                    file,
+                    docs,
+                }
             })
             .collect()
     })
@@ -335,7 +398,12 @@ fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, S
 }
 
 fn pod_labels(r: &Rendered) -> BTreeMap<String, String> {
-    sts_spec(&r.statefulset()).template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default()
+    sts_spec(&r.statefulset())
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------
@@ -352,9 +420,16 @@ fn service_name_is_the_headless_service() {
             .into_iter()
             .filter(|s| s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None"))
             .collect();
-        ensure!(headless.len() == 1, "expected one headless Service, found {}", headless.len());
+        ensure!(
+            headless.len() == 1,
+            "expected one headless Service, found {}",
+            headless.len()
+        );
         let name = headless[0].metadata.name.clone().unwrap_or_default();
-        ensure!(service_name == name, "serviceName {service_name:?} but the headless Service is {name:?}");
+        ensure!(
+            service_name == name,
+            "serviceName {service_name:?} but the headless Service is {name:?}"
+        );
         let peers = r.env_value("TALLY_PEERS_SERVICE");
         ensure!(
             peers.as_deref() == Some(name.as_str()),
@@ -368,8 +443,15 @@ fn service_name_is_the_headless_service() {
 fn headless_service_publishes_every_pod_for_discovery() {
     for_each_set(|r| {
         let headless = r.headless();
-        let spec = headless.spec.as_ref().context("headless Service has no spec")?;
-        ensure!(spec.cluster_ip.as_deref() == Some("None"), "clusterIP is {:?}", spec.cluster_ip);
+        let spec = headless
+            .spec
+            .as_ref()
+            .context("headless Service has no spec")?;
+        ensure!(
+            spec.cluster_ip.as_deref() == Some("None"),
+            "clusterIP is {:?}",
+            spec.cluster_ip
+        );
         ensure!(
             spec.publish_not_ready_addresses == Some(true),
             "publishNotReadyAddresses is {:?}: starting pods would be invisible to their siblings",
@@ -381,10 +463,19 @@ fn headless_service_publishes_every_pod_for_discovery() {
             labels_match(&selector, &labels),
             "headless selector {selector:?} does not match the pod template's labels {labels:?}"
         );
-        let sts_selector =
-            sts_spec(&r.statefulset()).selector.match_labels.clone().unwrap_or_default();
-        ensure!(labels_match(&sts_selector, &labels), "StatefulSet selector does not match its pods");
-        ensure!(selector == sts_selector, "headless selector {selector:?} differs from the StatefulSet's {sts_selector:?}");
+        let sts_selector = sts_spec(&r.statefulset())
+            .selector
+            .match_labels
+            .clone()
+            .unwrap_or_default();
+        ensure!(
+            labels_match(&sts_selector, &labels),
+            "StatefulSet selector does not match its pods"
+        );
+        ensure!(
+            selector == sts_selector,
+            "headless selector {selector:?} differs from the StatefulSet's {sts_selector:?}"
+        );
 
         // The SRV records _http._tcp.<headless> carry the Service port, and
         // peers connect to that port on pod addresses: it must be the
@@ -399,15 +490,26 @@ fn headless_service_publishes_every_pod_for_discovery() {
             .container_port;
         let port_name = r
             .env_value("TALLY_PEERS_PORT_NAME")
-            .or_else(|| r.config_json().get("peers_port_name").and_then(|v| v.as_str().map(str::to_owned)))
+            .or_else(|| {
+                r.config_json()
+                    .get("peers_port_name")
+                    .and_then(|v| v.as_str().map(str::to_owned))
+            })
             .unwrap_or_else(|| "http".to_owned());
         let port = spec
             .ports
             .as_ref()
             .and_then(|ports| ports.iter().find(|p| p.name.as_deref() == Some(port_name.as_str())))
             .with_context(|| format!("the headless Service has no port named {port_name:?} (the SRV name tally looks up)"))?;
-        ensure!(port_name == "http", "peers_port_name is {port_name:?}, expected http");
-        ensure!(port.port == container_port, "headless port {} != container port {container_port}", port.port);
+        ensure!(
+            port_name == "http",
+            "peers_port_name is {port_name:?}, expected http"
+        );
+        ensure!(
+            port.port == container_port,
+            "headless port {} != container port {container_port}",
+            port.port
+        );
         ensure!(
             matches!(&port.target_port, Some(IntOrString::String(s)) if s == "http")
                 || port.target_port == Some(IntOrString::Int(container_port)),
@@ -418,21 +520,29 @@ fn headless_service_publishes_every_pod_for_discovery() {
         // file: the chart must set the listen address in the environment.
         let listen = r.env_value("TALLY_LISTEN");
         ensure!(
-            listen.as_deref().is_some_and(|l| l.ends_with(&format!(":{container_port}"))),
+            listen
+                .as_deref()
+                .is_some_and(|l| l.ends_with(&format!(":{container_port}"))),
             "TALLY_LISTEN {listen:?} is not on the container port {container_port}"
         );
 
         // The client Service respects readiness and reaches the same pods.
         let client = r.client();
         let cspec = client.spec.as_ref().context("client Service has no spec")?;
-        ensure!(cspec.publish_not_ready_addresses != Some(true), "the client Service must wait for readiness");
+        ensure!(
+            cspec.publish_not_ready_addresses != Some(true),
+            "the client Service must wait for readiness"
+        );
         ensure!(
             labels_match(&cspec.selector.clone().unwrap_or_default(), &labels),
             "the client Service's selector does not match the pods"
         );
         // The helm test pod must not become an endpoint of either Service.
         let test_labels = r.test_pod().metadata.labels.unwrap_or_default();
-        ensure!(!labels_match(&selector, &test_labels), "the headless Service selects the helm test pod");
+        ensure!(
+            !labels_match(&selector, &test_labels),
+            "the headless Service selects the helm test pod"
+        );
         Ok(())
     });
 }
@@ -441,21 +551,33 @@ fn headless_service_publishes_every_pod_for_discovery() {
 fn pods_know_who_and_where_they_are() {
     for_each_set(|r| {
         let container = r.container();
-        ensure!(container.command.is_none(), "command is set; the image's entrypoint must stay tally");
+        ensure!(
+            container.command.is_none(),
+            "command is set; the image's entrypoint must stay tally"
+        );
         ensure!(
             container.args.as_deref() == Some(&["serve".to_owned()][..]),
             "args are {:?}, expected [serve]",
             container.args
         );
         let env = r.env();
-        for (name, field) in [("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")] {
-            let var = env.iter().find(|e| e.name == name).with_context(|| format!("no {name} env"))?;
+        for (name, field) in [
+            ("POD_NAME", "metadata.name"),
+            ("POD_NAMESPACE", "metadata.namespace"),
+        ] {
+            let var = env
+                .iter()
+                .find(|e| e.name == name)
+                .with_context(|| format!("no {name} env"))?;
             let path = var
                 .value_from
                 .as_ref()
                 .and_then(|v| v.field_ref.as_ref())
                 .map(|f| f.field_path.as_str());
-            ensure!(path == Some(field), "{name} comes from {path:?}, not the Downward API {field}");
+            ensure!(
+                path == Some(field),
+                "{name} comes from {path:?}, not the Downward API {field}"
+            );
         }
         let domain = r.env_value("TALLY_CLUSTER_DOMAIN");
         ensure!(
@@ -469,8 +591,19 @@ fn pods_know_who_and_where_they_are() {
                 "the chart sets {} which is no tally setting",
                 var.name
             );
-            ensure!(var.name != "TALLY_DNS_SERVER", "TALLY_DNS_SERVER is for tests only");
+            ensure!(
+                var.name != "TALLY_DNS_SERVER",
+                "TALLY_DNS_SERVER is for tests only"
+            );
         }
+
+        // A client Service named "tally" would otherwise inject TALLY_PORT,
+        // TALLY_SERVICE_HOST, ... into the pods: variables in tally's own
+        // namespace that no one set on purpose.
+        ensure!(
+            r.pod_spec().enable_service_links == Some(false),
+            "enableServiceLinks is not false: Service env vars (TALLY_PORT, ...) would leak into tally's settings"
+        );
 
         // The config file and the data directory are mounted where the
         // environment says.
@@ -480,27 +613,51 @@ fn pods_know_who_and_where_they_are() {
             .iter()
             .find(|m| m.mount_path == config_path)
             .with_context(|| format!("nothing is mounted at TALLY_CONFIG={config_path}"))?;
-        ensure!(config_mount.read_only == Some(true), "the config mount is writable");
+        ensure!(
+            config_mount.read_only == Some(true),
+            "the config mount is writable"
+        );
         let spec = r.pod_spec();
         let volumes = spec.volumes.clone().unwrap_or_default();
         let config_volume = volumes
             .iter()
             .find(|v| v.name == config_mount.name)
             .context("config mount has no volume")?;
-        let cm_name = config_volume.config_map.as_ref().context("config volume is not a ConfigMap")?.name.clone();
+        let cm_name = config_volume
+            .config_map
+            .as_ref()
+            .context("config volume is not a ConfigMap")?
+            .name
+            .clone();
         let cm = r
             .all::<ConfigMap>()
             .into_iter()
             .find(|c| c.metadata.name.as_deref() == Some(cm_name.as_str()))
             .with_context(|| format!("ConfigMap {cm_name} is not rendered"))?;
-        let key = config_mount.sub_path.clone().context("config is mounted without subPath")?;
-        ensure!(cm.data.as_ref().is_some_and(|d| d.contains_key(&key)), "ConfigMap {cm_name} lacks {key}");
+        let key = config_mount
+            .sub_path
+            .clone()
+            .context("config is mounted without subPath")?;
+        ensure!(
+            cm.data.as_ref().is_some_and(|d| d.contains_key(&key)),
+            "ConfigMap {cm_name} lacks {key}"
+        );
 
-        let data_dir = r.env_value("TALLY_DATA_DIR").context("no TALLY_DATA_DIR env")?;
-        let data_mount =
-            mounts.iter().find(|m| m.mount_path == data_dir).with_context(|| format!("nothing mounted at {data_dir}"))?;
-        ensure!(data_mount.read_only != Some(true), "the data volume is read-only");
-        let claims = sts_spec(&r.statefulset()).volume_claim_templates.clone().unwrap_or_default();
+        let data_dir = r
+            .env_value("TALLY_DATA_DIR")
+            .context("no TALLY_DATA_DIR env")?;
+        let data_mount = mounts
+            .iter()
+            .find(|m| m.mount_path == data_dir)
+            .with_context(|| format!("nothing mounted at {data_dir}"))?;
+        ensure!(
+            data_mount.read_only != Some(true),
+            "the data volume is read-only"
+        );
+        let claims = sts_spec(&r.statefulset())
+            .volume_claim_templates
+            .clone()
+            .unwrap_or_default();
         if r.bool("persistence.enabled") {
             let claim = claims
                 .iter()
@@ -513,20 +670,51 @@ fn pods_know_who_and_where_they_are() {
                 .and_then(|r| r.requests.as_ref())
                 .and_then(|r| r.get("storage"))
                 .map(|q| q.0.clone());
-            ensure!(size.as_deref() == Some(r.str("persistence.size")), "claim size {size:?}");
+            ensure!(
+                size.as_deref() == Some(r.str("persistence.size")),
+                "claim size {size:?}"
+            );
             match r.str("persistence.storageClass") {
-                "" => ensure!(cspec.storage_class_name.is_none(), "storageClassName set though empty in values"),
-                "-" => ensure!(cspec.storage_class_name.as_deref() == Some(""), "storageClass - must render \"\""),
-                class => ensure!(cspec.storage_class_name.as_deref() == Some(class), "storageClassName {:?}", cspec.storage_class_name),
+                "" => ensure!(
+                    cspec.storage_class_name.is_none(),
+                    "storageClassName set though empty in values"
+                ),
+                "-" => ensure!(
+                    cspec.storage_class_name.as_deref() == Some(""),
+                    "storageClass - must render \"\""
+                ),
+                class => ensure!(
+                    cspec.storage_class_name.as_deref() == Some(class),
+                    "storageClassName {:?}",
+                    cspec.storage_class_name
+                ),
             }
-            ensure!(volumes.iter().all(|v| v.name != data_mount.name), "data is both a volume and a claim");
+            ensure!(
+                volumes.iter().all(|v| v.name != data_mount.name),
+                "data is both a volume and a claim"
+            );
         } else {
-            ensure!(claims.is_empty(), "persistence is off but volumeClaimTemplates are rendered");
-            let volume = volumes.iter().find(|v| v.name == data_mount.name).context("no data volume")?;
-            ensure!(volume.empty_dir.is_some(), "persistence is off but data is not an emptyDir");
+            ensure!(
+                claims.is_empty(),
+                "persistence is off but volumeClaimTemplates are rendered"
+            );
+            let volume = volumes
+                .iter()
+                .find(|v| v.name == data_mount.name)
+                .context("no data volume")?;
+            ensure!(
+                volume.empty_dir.is_some(),
+                "persistence is off but data is not an emptyDir"
+            );
         }
-        let tmp = mounts.iter().find(|m| m.mount_path == "/tmp").context("no /tmp mount (root fs is read-only)")?;
-        let tmp_volume = volumes.iter().find(|v| v.name == tmp.name).context("no /tmp volume")?;
+        let tmp = mounts
+            .iter()
+            .find(|m| m.mount_path == "/tmp")
+            .context("no /tmp mount (root fs is read-only)")?;
+        let tmp_volume = volumes
+            .iter()
+            .find(|v| v.name == tmp.name)
+            .context("no /tmp volume")?;
         ensure!(tmp_volume.empty_dir.is_some(), "/tmp is not an emptyDir");
         Ok(())
     });
@@ -546,8 +734,16 @@ fn probes_use_routes_that_never_count_a_visit() {
         let container = r.container();
         let probes = [
             ("startupProbe", container.startup_probe.as_ref(), "/healthz"),
-            ("livenessProbe", container.liveness_probe.as_ref(), "/healthz"),
-            ("readinessProbe", container.readiness_probe.as_ref(), "/readyz"),
+            (
+                "livenessProbe",
+                container.liveness_probe.as_ref(),
+                "/healthz",
+            ),
+            (
+                "readinessProbe",
+                container.readiness_probe.as_ref(),
+                "/readyz",
+            ),
         ];
         for (name, probe, expected) in probes {
             let enabled = r.bool(&format!("{name}.enabled"));
@@ -555,10 +751,17 @@ fn probes_use_routes_that_never_count_a_visit() {
                 None => ensure!(!enabled, "{name} is enabled in values but not rendered"),
                 Some(probe) => {
                     ensure!(enabled, "{name} is disabled in values but rendered");
-                    let path = probe_path(probe).with_context(|| format!("{name} is not an httpGet probe"))?;
+                    let path = probe_path(probe)
+                        .with_context(|| format!("{name} is not an httpGet probe"))?;
                     ensure!(path != "/", "{name} probes / which counts a visit");
-                    ensure!(PROBE_ROUTES.contains(&path), "{name} probes {path}, not one of {PROBE_ROUTES:?}");
-                    ensure!(path == expected, "{name} probes {path}, expected {expected}");
+                    ensure!(
+                        PROBE_ROUTES.contains(&path),
+                        "{name} probes {path}, not one of {PROBE_ROUTES:?}"
+                    );
+                    ensure!(
+                        path == expected,
+                        "{name} probes {path}, expected {expected}"
+                    );
                     let port = &probe.http_get.as_ref().unwrap().port;
                     ensure!(
                         *port == IntOrString::String("http".into())
@@ -576,29 +779,66 @@ fn probes_use_routes_that_never_count_a_visit() {
 // Security
 // ---------------------------------------------------------------------------
 
-fn check_pod_security(what: &str, pod: Option<&PodSecurityContext>, c: Option<&SecurityContext>) -> Result<()> {
+fn check_pod_security(
+    what: &str,
+    pod: Option<&PodSecurityContext>,
+    c: Option<&SecurityContext>,
+) -> Result<()> {
     let pod = pod.with_context(|| format!("{what}: no pod securityContext"))?;
     let c = c.with_context(|| format!("{what}: no container securityContext"))?;
     let non_root = c.run_as_non_root.or(pod.run_as_non_root);
-    ensure!(non_root == Some(true), "{what}: runAsNonRoot is {non_root:?}");
+    ensure!(
+        non_root == Some(true),
+        "{what}: runAsNonRoot is {non_root:?}"
+    );
     let uid = c.run_as_user.or(pod.run_as_user);
-    ensure!(uid == Some(UID), "{what}: runAsUser is {uid:?}, expected {UID}");
+    ensure!(
+        uid == Some(UID),
+        "{what}: runAsUser is {uid:?}, expected {UID}"
+    );
     let gid = c.run_as_group.or(pod.run_as_group);
-    ensure!(gid == Some(UID), "{what}: runAsGroup is {gid:?}, expected {UID}");
-    ensure!(pod.fs_group == Some(UID), "{what}: fsGroup is {:?}, expected {UID}", pod.fs_group);
-    ensure!(c.read_only_root_filesystem == Some(true), "{what}: root filesystem is writable");
-    ensure!(c.allow_privilege_escalation == Some(false), "{what}: allowPrivilegeEscalation is not false");
+    ensure!(
+        gid == Some(UID),
+        "{what}: runAsGroup is {gid:?}, expected {UID}"
+    );
+    ensure!(
+        pod.fs_group == Some(UID),
+        "{what}: fsGroup is {:?}, expected {UID}",
+        pod.fs_group
+    );
+    ensure!(
+        c.read_only_root_filesystem == Some(true),
+        "{what}: root filesystem is writable"
+    );
+    ensure!(
+        c.allow_privilege_escalation == Some(false),
+        "{what}: allowPrivilegeEscalation is not false"
+    );
     ensure!(c.privileged != Some(true), "{what}: privileged");
-    let drop = c.capabilities.as_ref().and_then(|c| c.drop.clone()).unwrap_or_default();
-    ensure!(drop == ["ALL"], "{what}: capabilities drop {drop:?}, expected [ALL]");
-    let add = c.capabilities.as_ref().and_then(|c| c.add.clone()).unwrap_or_default();
+    let drop = c
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.drop.clone())
+        .unwrap_or_default();
+    ensure!(
+        drop == ["ALL"],
+        "{what}: capabilities drop {drop:?}, expected [ALL]"
+    );
+    let add = c
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.add.clone())
+        .unwrap_or_default();
     ensure!(add.is_empty(), "{what}: capabilities added {add:?}");
     let seccomp = c
         .seccomp_profile
         .as_ref()
         .or(pod.seccomp_profile.as_ref())
         .map(|s| s.type_.as_str());
-    ensure!(seccomp == Some("RuntimeDefault"), "{what}: seccomp profile is {seccomp:?}");
+    ensure!(
+        seccomp == Some("RuntimeDefault"),
+        "{what}: seccomp profile is {seccomp:?}"
+    );
     Ok(())
 }
 
@@ -606,26 +846,67 @@ fn check_pod_security(what: &str, pod: Option<&PodSecurityContext>, c: Option<&S
 fn pods_are_hardened_by_default() {
     for_each_set(|r| {
         let spec = r.pod_spec();
-        check_pod_security("tally pod", spec.security_context.as_ref(), r.container().security_context.as_ref())?;
-        ensure!(spec.automount_service_account_token == Some(false), "the pod mounts a service account token");
+        check_pod_security(
+            "tally pod",
+            spec.security_context.as_ref(),
+            r.container().security_context.as_ref(),
+        )?;
+        ensure!(
+            spec.automount_service_account_token == Some(false),
+            "the pod mounts a service account token"
+        );
         let test = r.test_pod();
         let tspec = test.spec.as_ref().context("test pod has no spec")?;
         check_pod_security(
             "helm test pod",
             tspec.security_context.as_ref(),
-            tspec.containers.first().and_then(|c| c.security_context.as_ref()),
+            tspec
+                .containers
+                .first()
+                .and_then(|c| c.security_context.as_ref()),
         )?;
-        ensure!(tspec.automount_service_account_token == Some(false), "the test pod mounts a token");
+        ensure!(
+            tspec.automount_service_account_token == Some(false),
+            "the test pod mounts a token"
+        );
         for sa in r.all::<ServiceAccount>() {
-            ensure!(sa.automount_service_account_token == Some(false), "ServiceAccount automounts its token");
+            ensure!(
+                sa.automount_service_account_token == Some(false),
+                "ServiceAccount automounts its token"
+            );
         }
-        ensure!(r.bool("serviceAccount.create") == !r.all::<ServiceAccount>().is_empty(), "serviceAccount.create not honoured");
+        let accounts = r.all::<ServiceAccount>();
+        ensure!(
+            accounts.len() == usize::from(r.bool("serviceAccount.create")),
+            "serviceAccount.create not honoured"
+        );
+        if let Some(account) = accounts.first() {
+            ensure!(
+                spec.service_account_name == account.metadata.name,
+                "the pods run as {:?}, not the chart's ServiceAccount {:?}",
+                spec.service_account_name,
+                account.metadata.name
+            );
+        }
         let resources = r.container().resources.context("no resources")?;
         let requests = resources.requests.unwrap_or_default();
-        ensure!(requests.contains_key("cpu") && requests.contains_key("memory"), "requests {requests:?}");
-        let grace = r.pod_spec().termination_grace_period_seconds.context("no terminationGracePeriodSeconds")?;
-        let tally_grace = r.config_json().get("shutdown_grace_s").and_then(|v| v.as_i64()).context("no shutdown_grace_s")?;
-        ensure!(grace > tally_grace, "terminationGracePeriodSeconds {grace} <= shutdown_grace_s {tally_grace}");
+        ensure!(
+            requests.contains_key("cpu") && requests.contains_key("memory"),
+            "requests {requests:?}"
+        );
+        let grace = r
+            .pod_spec()
+            .termination_grace_period_seconds
+            .context("no terminationGracePeriodSeconds")?;
+        let tally_grace = r
+            .config_json()
+            .get("shutdown_grace_s")
+            .and_then(|v| v.as_i64())
+            .context("no shutdown_grace_s")?;
+        ensure!(
+            grace > tally_grace,
+            "terminationGracePeriodSeconds {grace} <= shutdown_grace_s {tally_grace}"
+        );
         Ok(())
     });
 }
@@ -635,7 +916,10 @@ fn peer_token_lives_only_in_a_secret() {
     // A token given in values: it is in the Secret, and nowhere in clear text.
     let token = "chart-test-token-6f1d2c9a8b";
     let text = template("tally", &["--set", &format!("auth.token={token}")]).unwrap();
-    assert!(!text.contains(token), "the peer token appears in clear text in the rendered manifests");
+    assert!(
+        !text.contains(token),
+        "the peer token appears in clear text in the rendered manifests"
+    );
     let docs = parse_documents(&text).unwrap();
     let r = Rendered {
         set: "auth.token".into(),
@@ -645,8 +929,16 @@ fn peer_token_lives_only_in_a_secret() {
         docs,
     };
     let secret = r.one::<Secret>();
-    let stored = secret.data.as_ref().and_then(|d| d.get("token")).map(|b| b.0.clone());
-    assert_eq!(stored.as_deref(), Some(token.as_bytes()), "the Secret does not hold auth.token");
+    let stored = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("token"))
+        .map(|b| b.0.clone());
+    assert_eq!(
+        stored.as_deref(),
+        Some(token.as_bytes()),
+        "the Secret does not hold auth.token"
+    );
 
     for_each_set(|r| {
         let env = r.env();
@@ -656,29 +948,45 @@ fn peer_token_lives_only_in_a_secret() {
         for secret in &secrets {
             for (key, value) in secret.data.clone().unwrap_or_default() {
                 let value = String::from_utf8_lossy(&value.0).into_owned();
-                ensure!(value.len() >= 16, "Secret key {key} holds a short token ({} bytes)", value.len());
+                ensure!(
+                    value.len() >= 16,
+                    "Secret key {key} holds a short token ({} bytes)",
+                    value.len()
+                );
                 for cm in r.all::<ConfigMap>() {
                     for (ckey, cvalue) in cm.data.unwrap_or_default() {
-                        ensure!(!cvalue.contains(&value), "ConfigMap key {ckey} holds the peer token");
+                        ensure!(
+                            !cvalue.contains(&value),
+                            "ConfigMap key {ckey} holds the peer token"
+                        );
                     }
                 }
                 ensure!(
-                    env.iter().all(|e| e.value.as_deref() != Some(value.as_str())),
+                    env.iter()
+                        .all(|e| e.value.as_deref() != Some(value.as_str())),
                     "an env var holds the peer token in clear text"
                 );
             }
         }
         for cm in r.all::<ConfigMap>() {
             for (ckey, cvalue) in cm.data.unwrap_or_default() {
-                ensure!(!cvalue.contains("\"peer_token\""), "ConfigMap key {ckey} sets peer_token");
+                ensure!(
+                    !cvalue.contains("\"peer_token\""),
+                    "ConfigMap key {ckey} sets peer_token"
+                );
             }
         }
         if !r.bool("auth.enabled") {
-            ensure!(file_env.is_none() && secrets.is_empty(), "auth is off but a token is wired");
+            ensure!(
+                file_env.is_none() && secrets.is_empty(),
+                "auth is off but a token is wired"
+            );
             return Ok(());
         }
         // The token file is inside a read-only mount of the right Secret.
-        let path = file_env.and_then(|e| e.value.clone()).context("auth is on but no TALLY_PEER_TOKEN_FILE")?;
+        let path = file_env
+            .and_then(|e| e.value.clone())
+            .context("auth is on but no TALLY_PEER_TOKEN_FILE")?;
         let mounts = r.container().volume_mounts.unwrap_or_default();
         let mount = mounts
             .iter()
@@ -700,17 +1008,34 @@ fn peer_token_lives_only_in_a_secret() {
             .with_context(|| format!("the Secret volume has no item for {file}"))?;
         let existing = r.str("auth.existingSecret");
         if existing.is_empty() {
-            let secret = secrets.first().context("auth is on but no Secret is rendered")?;
-            ensure!(secret.metadata.name == source.secret_name, "token volume names another Secret");
+            let secret = secrets
+                .first()
+                .context("auth is on but no Secret is rendered")?;
             ensure!(
-                secret.data.as_ref().is_some_and(|d| d.contains_key(&item.key)),
+                secret.metadata.name == source.secret_name,
+                "token volume names another Secret"
+            );
+            ensure!(
+                secret
+                    .data
+                    .as_ref()
+                    .is_some_and(|d| d.contains_key(&item.key)),
                 "Secret lacks the key {}",
                 item.key
             );
         } else {
-            ensure!(secrets.is_empty(), "auth.existingSecret is set but a Secret is rendered too");
-            ensure!(source.secret_name.as_deref() == Some(existing), "token volume ignores auth.existingSecret");
-            ensure!(item.key == r.str("auth.existingSecretKey"), "token volume ignores auth.existingSecretKey");
+            ensure!(
+                secrets.is_empty(),
+                "auth.existingSecret is set but a Secret is rendered too"
+            );
+            ensure!(
+                source.secret_name.as_deref() == Some(existing),
+                "token volume ignores auth.existingSecret"
+            );
+            ensure!(
+                item.key == r.str("auth.existingSecretKey"),
+                "token volume ignores auth.existingSecretKey"
+            );
         }
         Ok(())
     });
@@ -724,8 +1049,14 @@ fn dns_label(name: &str, first_letter: bool) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && (if first_letter { bytes[0].is_ascii_lowercase() } else { bytes[0] != b'-' })
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && (if first_letter {
+            bytes[0].is_ascii_lowercase()
+        } else {
+            bytes[0] != b'-'
+        })
         && bytes[bytes.len() - 1] != b'-'
 }
 
@@ -739,7 +1070,8 @@ fn label_value(value: &str) -> bool {
         || (b.len() <= 63
             && b[0].is_ascii_alphanumeric()
             && b[b.len() - 1].is_ascii_alphanumeric()
-            && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c)))
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c)))
 }
 
 fn label_key(key: &str) -> bool {
@@ -752,8 +1084,14 @@ fn label_key(key: &str) -> bool {
 
 fn check_labels(what: &str, labels: Option<&BTreeMap<String, String>>) -> Result<()> {
     for (k, v) in labels.into_iter().flatten() {
-        ensure!(label_key(k), "{what}: label key {k:?} is not valid (name part at most 63 characters)");
-        ensure!(label_value(v), "{what}: label {k}={v:?} is not a valid label value (at most 63 characters)");
+        ensure!(
+            label_key(k),
+            "{what}: label key {k:?} is not valid (name part at most 63 characters)"
+        );
+        ensure!(
+            label_value(v),
+            "{what}: label {k}={v:?} is not a valid label value (at most 63 characters)"
+        );
     }
     Ok(())
 }
@@ -764,43 +1102,86 @@ fn names_fit_kubernetes_limits() {
         for doc in &r.docs {
             let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("?");
             let meta = doc.get("metadata").context("object without metadata")?;
-            let name = meta.get("name").and_then(Value::as_str).context("object without a name")?;
-            ensure!(dns_subdomain(name), "{kind} name {name:?} is not a DNS subdomain");
+            let name = meta
+                .get("name")
+                .and_then(Value::as_str)
+                .context("object without a name")?;
+            ensure!(
+                dns_subdomain(name),
+                "{kind} name {name:?} is not a DNS subdomain"
+            );
             let ns = meta.get("namespace").and_then(Value::as_str);
-            ensure!(ns == Some(NAMESPACE), "{kind} {name} has namespace {ns:?}, not the release's");
-            let labels: Option<BTreeMap<String, String>> =
-                meta.get("labels").map(|l| serde_yaml::from_value(l.clone())).transpose()?;
+            ensure!(
+                ns == Some(NAMESPACE),
+                "{kind} {name} has namespace {ns:?}, not the release's"
+            );
+            let labels: Option<BTreeMap<String, String>> = meta
+                .get("labels")
+                .map(|l| serde_yaml::from_value(l.clone()))
+                .transpose()?;
             check_labels(&format!("{kind} {name}"), labels.as_ref())?;
         }
         for service in r.all::<Service>() {
             let name = service.metadata.name.clone().unwrap_or_default();
-            ensure!(dns_label(&name, true), "Service name {name:?} is not a DNS-1035 label of at most 63 characters");
+            ensure!(
+                dns_label(&name, true),
+                "Service name {name:?} is not a DNS-1035 label of at most 63 characters"
+            );
         }
         let sts = r.statefulset();
         let name = sts.metadata.name.clone().unwrap_or_default();
         // The controller labels each pod controller-revision-hash=<name>-<hash>
         // (11 more characters), a label value of at most 63 characters.
-        ensure!(dns_label(&name, false) && name.len() <= 52, "StatefulSet name {name:?} is longer than 52 characters");
+        ensure!(
+            dns_label(&name, false) && name.len() <= 52,
+            "StatefulSet name {name:?} is longer than 52 characters"
+        );
         let last = format!("{name}-{}", r.int("replicaCount").max(1) - 1);
-        ensure!(dns_label(&last, false), "pod host name {last:?} is not a DNS label");
+        ensure!(
+            dns_label(&last, false),
+            "pod host name {last:?} is not a DNS label"
+        );
         let spec = sts_spec(&sts);
-        check_labels("pod template", spec.template.metadata.as_ref().and_then(|m| m.labels.as_ref()))?;
+        check_labels(
+            "pod template",
+            spec.template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.as_ref()),
+        )?;
         check_labels("StatefulSet selector", spec.selector.match_labels.as_ref())?;
         for claim in spec.volume_claim_templates.iter().flatten() {
             check_labels("volumeClaimTemplate", claim.metadata.labels.as_ref())?;
         }
         let test = r.test_pod().metadata.name.unwrap_or_default();
-        ensure!(dns_label(&test, false), "test pod name {test:?} cannot be a host name");
+        ensure!(
+            dns_label(&test, false),
+            "test pod name {test:?} cannot be a host name"
+        );
         // The chart's naming rule: <release>-tally, or <release> when it
         // contains "tally", cut to 52 characters.
-        let full = if r.release.contains("tally") { r.release.clone() } else { format!("{}-tally", r.release) };
-        let expected = full.chars().take(52).collect::<String>().trim_end_matches('-').to_owned();
-        ensure!(name == expected, "StatefulSet is {name:?}, expected {expected:?}");
+        let full = if r.release.contains("tally") {
+            r.release.clone()
+        } else {
+            format!("{}-tally", r.release)
+        };
+        let expected = full
+            .chars()
+            .take(52)
+            .collect::<String>()
+            .trim_end_matches('-')
+            .to_owned();
+        ensure!(
+            name == expected,
+            "StatefulSet is {name:?}, expected {expected:?}"
+        );
         Ok(())
     });
     // The long-name value set must actually reach the limit it tests.
     assert!(
-        renders().iter().any(|r| r.statefulset().metadata.name.unwrap_or_default().len() == 52),
+        renders()
+            .iter()
+            .any(|r| r.statefulset().metadata.name.unwrap_or_default().len() == 52),
         "no value set has a release name long enough to hit the 52-character cut"
     );
 }
@@ -814,16 +1195,27 @@ fn statefulset_follows_the_values() {
     for_each_set(|r| {
         let sts = r.statefulset();
         let spec = sts_spec(&sts);
-        ensure!(spec.replicas == Some(r.int("replicaCount") as i32), "replicas {:?}", spec.replicas);
+        ensure!(
+            spec.replicas == Some(r.int("replicaCount") as i32),
+            "replicas {:?}",
+            spec.replicas
+        );
         ensure!(
             spec.pod_management_policy.as_deref() == Some(r.str("podManagementPolicy")),
             "podManagementPolicy {:?}",
             spec.pod_management_policy
         );
         let strategy = spec.update_strategy.clone().context("no updateStrategy")?;
-        ensure!(strategy.type_.as_deref() == Some(r.str("updateStrategy.type")), "updateStrategy {:?}", strategy.type_);
+        ensure!(
+            strategy.type_.as_deref() == Some(r.str("updateStrategy.type")),
+            "updateStrategy {:?}",
+            strategy.type_
+        );
         match r.str("updateStrategy.type") {
-            "OnDelete" => ensure!(strategy.rolling_update.is_none(), "OnDelete with rollingUpdate is refused by the API"),
+            "OnDelete" => ensure!(
+                strategy.rolling_update.is_none(),
+                "OnDelete with rollingUpdate is refused by the API"
+            ),
             _ => {
                 let partition = strategy.rolling_update.and_then(|u| u.partition);
                 ensure!(
@@ -836,23 +1228,49 @@ fn statefulset_follows_the_values() {
         if r.bool("persistence.enabled") {
             let retention = retention.context("no persistentVolumeClaimRetentionPolicy")?;
             ensure!(
-                retention.when_deleted.as_deref() == Some(r.str("persistentVolumeClaimRetentionPolicy.whenDeleted"))
-                    && retention.when_scaled.as_deref() == Some(r.str("persistentVolumeClaimRetentionPolicy.whenScaled")),
+                retention.when_deleted.as_deref()
+                    == Some(r.str("persistentVolumeClaimRetentionPolicy.whenDeleted"))
+                    && retention.when_scaled.as_deref()
+                        == Some(r.str("persistentVolumeClaimRetentionPolicy.whenScaled")),
                 "retention policy {retention:?}"
             );
         }
-        let annotations = spec.template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
-        let checksum = annotations.get("checksum/config").context("no checksum/config annotation")?;
-        ensure!(checksum.len() == 64, "checksum/config {checksum:?} is not a sha256");
+        let annotations = spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.clone())
+            .unwrap_or_default();
+        let checksum = annotations
+            .get("checksum/config")
+            .context("no checksum/config annotation")?;
+        ensure!(
+            checksum.len() == 64,
+            "checksum/config {checksum:?} is not a sha256"
+        );
         let grace = r.pod_spec().termination_grace_period_seconds;
-        ensure!(grace == Some(r.int("terminationGracePeriodSeconds")), "terminationGracePeriodSeconds {grace:?}");
+        ensure!(
+            grace == Some(r.int("terminationGracePeriodSeconds")),
+            "terminationGracePeriodSeconds {grace:?}"
+        );
         let image = r.container().image.unwrap_or_default();
         let digest = r.str("image.digest");
         if digest.is_empty() {
-            let tag = r.value("image.tag").as_str().filter(|t| !t.is_empty()).map(str::to_owned).unwrap_or_else(app_version);
-            ensure!(image == format!("{}:{tag}", r.str("image.repository")), "image {image}");
+            let tag = r
+                .value("image.tag")
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .unwrap_or_else(app_version);
+            ensure!(
+                image == format!("{}:{tag}", r.str("image.repository")),
+                "image {image}"
+            );
         } else {
-            ensure!(image == format!("{}@{digest}", r.str("image.repository")), "image {image}");
+            ensure!(
+                image == format!("{}@{digest}", r.str("image.repository")),
+                "image {image}"
+            );
         }
         Ok(())
     });
@@ -863,52 +1281,124 @@ fn services_pdb_and_monitor_follow_the_values() {
     for_each_set(|r| {
         let client = r.client();
         let spec = client.spec.clone().context("client Service without spec")?;
-        ensure!(spec.type_.as_deref() == Some(r.str("service.type")), "service type {:?}", spec.type_);
-        let port = spec.ports.clone().unwrap_or_default().into_iter().next().context("client Service has no port")?;
-        ensure!(i64::from(port.port) == r.int("service.port"), "client port {}", port.port);
-        ensure!(port.target_port == Some(IntOrString::String("http".into())), "client targetPort {:?}", port.target_port);
+        ensure!(
+            spec.type_.as_deref() == Some(r.str("service.type")),
+            "service type {:?}",
+            spec.type_
+        );
+        let port = spec
+            .ports
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .context("client Service has no port")?;
+        ensure!(
+            i64::from(port.port) == r.int("service.port"),
+            "client port {}",
+            port.port
+        );
+        ensure!(
+            port.target_port == Some(IntOrString::String("http".into())),
+            "client targetPort {:?}",
+            port.target_port
+        );
         if let Some(node_port) = r.value("service.nodePort").as_i64() {
-            ensure!(port.node_port == Some(node_port as i32), "nodePort {:?}", port.node_port);
+            ensure!(
+                port.node_port == Some(node_port as i32),
+                "nodePort {:?}",
+                port.node_port
+            );
         } else {
-            ensure!(port.node_port.is_none(), "nodePort {:?} rendered though unset", port.node_port);
+            ensure!(
+                port.node_port.is_none(),
+                "nodePort {:?} rendered though unset",
+                port.node_port
+            );
         }
 
         let pdbs = r.all::<PodDisruptionBudget>();
-        ensure!(pdbs.len() == usize::from(r.bool("pdb.create")), "pdb.create not honoured");
+        ensure!(
+            pdbs.len() == usize::from(r.bool("pdb.create")),
+            "pdb.create not honoured"
+        );
         if let Some(pdb) = pdbs.first() {
             let pspec = pdb.spec.clone().context("PDB without spec")?;
-            let selector = pspec.selector.and_then(|s| s.match_labels).unwrap_or_default();
-            ensure!(labels_match(&selector, &pod_labels(r)), "PDB selector does not match the pods");
-            ensure!(pspec.min_available.is_some() != pspec.max_unavailable.is_some(), "PDB needs exactly one of minAvailable, maxUnavailable");
+            let selector = pspec
+                .selector
+                .and_then(|s| s.match_labels)
+                .unwrap_or_default();
+            ensure!(
+                labels_match(&selector, &pod_labels(r)),
+                "PDB selector does not match the pods"
+            );
+            ensure!(
+                pspec.min_available.is_some() != pspec.max_unavailable.is_some(),
+                "PDB needs exactly one of minAvailable, maxUnavailable"
+            );
         }
 
         let monitors = r.raw("monitoring.coreos.com/v1", "ServiceMonitor");
-        ensure!(monitors.len() == usize::from(r.bool("metrics.serviceMonitor.enabled")), "serviceMonitor.enabled not honoured");
+        ensure!(
+            monitors.len() == usize::from(r.bool("metrics.serviceMonitor.enabled")),
+            "serviceMonitor.enabled not honoured"
+        );
         if let Some(monitor) = monitors.first() {
-            let selector: BTreeMap<String, String> = serde_yaml::from_value(
-                monitor["spec"]["selector"]["matchLabels"].clone(),
-            )?;
+            let selector: BTreeMap<String, String> =
+                serde_yaml::from_value(monitor["spec"]["selector"]["matchLabels"].clone())?;
             let scraped: Vec<Service> = r
                 .all::<Service>()
                 .into_iter()
-                .filter(|s| labels_match(&selector, s.metadata.labels.as_ref().unwrap_or(&BTreeMap::new())))
+                .filter(|s| {
+                    labels_match(
+                        &selector,
+                        s.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+                    )
+                })
                 .collect();
-            ensure!(scraped.len() == 1, "the ServiceMonitor selects {} Services, expected the headless one", scraped.len());
-            ensure!(scraped[0].metadata.name == r.headless().metadata.name, "the ServiceMonitor does not select the headless Service");
+            ensure!(
+                scraped.len() == 1,
+                "the ServiceMonitor selects {} Services, expected the headless one",
+                scraped.len()
+            );
+            ensure!(
+                scraped[0].metadata.name == r.headless().metadata.name,
+                "the ServiceMonitor does not select the headless Service"
+            );
             let endpoint = &monitor["spec"]["endpoints"][0];
-            ensure!(endpoint["port"].as_str() == Some("http"), "ServiceMonitor port {:?}", endpoint["port"]);
-            ensure!(endpoint["path"].as_str() == Some("/metrics"), "ServiceMonitor path {:?}", endpoint["path"]);
+            ensure!(
+                endpoint["port"].as_str() == Some("http"),
+                "ServiceMonitor port {:?}",
+                endpoint["port"]
+            );
+            ensure!(
+                endpoint["path"].as_str() == Some("/metrics"),
+                "ServiceMonitor path {:?}",
+                endpoint["path"]
+            );
             let namespaces = &monitor["spec"]["namespaceSelector"]["matchNames"];
-            ensure!(namespaces[0].as_str() == Some(NAMESPACE), "ServiceMonitor watches {namespaces:?}");
+            ensure!(
+                namespaces[0].as_str() == Some(NAMESPACE),
+                "ServiceMonitor watches {namespaces:?}"
+            );
         }
 
         let ingresses = r.all::<Ingress>();
-        ensure!(ingresses.len() == usize::from(r.bool("ingress.enabled")), "ingress.enabled not honoured");
+        ensure!(
+            ingresses.len() == usize::from(r.bool("ingress.enabled")),
+            "ingress.enabled not honoured"
+        );
         for ingress in ingresses {
             for rule in ingress.spec.and_then(|s| s.rules).unwrap_or_default() {
                 for path in rule.http.map(|h| h.paths).unwrap_or_default() {
-                    let backend = path.backend.service.context("Ingress backend is not a Service")?;
-                    ensure!(Some(backend.name) == client.metadata.name, "Ingress routes to another Service");
+                    let backend = path
+                        .backend
+                        .service
+                        .context("Ingress backend is not a Service")?;
+                    ensure!(
+                        Some(backend.name) == client.metadata.name,
+                        "Ingress routes to another Service"
+                    );
                 }
             }
         }
@@ -917,46 +1407,80 @@ fn services_pdb_and_monitor_follow_the_values() {
 }
 
 fn port_is(ports: &[NetworkPolicyPort], port: i32, protocol: &str) -> bool {
-    ports.iter().any(|p| p.port == Some(IntOrString::Int(port)) && p.protocol.as_deref() == Some(protocol))
+    ports
+        .iter()
+        .any(|p| p.port == Some(IntOrString::Int(port)) && p.protocol.as_deref() == Some(protocol))
 }
 
 #[test]
 fn network_policy_admits_peers_and_dns() {
     for_each_set(|r| {
         let policies = r.all::<NetworkPolicy>();
-        ensure!(policies.len() == usize::from(r.bool("networkPolicy.enabled")), "networkPolicy.enabled not honoured");
-        let Some(policy) = policies.first() else { return Ok(()) };
+        ensure!(
+            policies.len() == usize::from(r.bool("networkPolicy.enabled")),
+            "networkPolicy.enabled not honoured"
+        );
+        let Some(policy) = policies.first() else {
+            return Ok(());
+        };
         let spec = policy.spec.clone().context("NetworkPolicy without spec")?;
         let labels = pod_labels(r);
-        let selector = spec.pod_selector.clone().and_then(|s| s.match_labels).unwrap_or_default();
-        ensure!(labels_match(&selector, &labels), "the NetworkPolicy does not select the tally pods");
+        let selector = spec
+            .pod_selector
+            .clone()
+            .and_then(|s| s.match_labels)
+            .unwrap_or_default();
+        ensure!(
+            labels_match(&selector, &labels),
+            "the NetworkPolicy does not select the tally pods"
+        );
         let port = r.int("containerPorts.http") as i32;
         let ingress = spec.ingress.clone().unwrap_or_default();
         let peer_in = ingress.iter().any(|rule| {
             port_is(rule.ports.as_deref().unwrap_or_default(), port, "TCP")
                 && rule.from.iter().flatten().any(|peer| {
                     peer.namespace_selector.is_none()
-                        && peer.pod_selector.as_ref().and_then(|s| s.match_labels.as_ref()).is_some_and(|m| labels_match(m, &labels))
+                        && peer
+                            .pod_selector
+                            .as_ref()
+                            .and_then(|s| s.match_labels.as_ref())
+                            .is_some_and(|m| labels_match(m, &labels))
                 })
         });
-        ensure!(peer_in, "no ingress rule admits peers (this release's pods) on port {port}");
+        ensure!(
+            peer_in,
+            "no ingress rule admits peers (this release's pods) on port {port}"
+        );
         let client_in = ingress.iter().find(|rule| {
             port_is(rule.ports.as_deref().unwrap_or_default(), port, "TCP")
                 && rule.from.iter().flatten().all(|peer| {
-                    !peer.pod_selector.as_ref().and_then(|s| s.match_labels.as_ref()).is_some_and(|m| labels_match(m, &labels))
+                    !peer
+                        .pod_selector
+                        .as_ref()
+                        .and_then(|s| s.match_labels.as_ref())
+                        .is_some_and(|m| labels_match(m, &labels))
                 })
         });
         let client_in = client_in.context("no ingress rule for clients")?;
         if r.bool("networkPolicy.allowExternal") {
-            ensure!(client_in.from.is_none(), "allowExternal is true but clients are restricted");
+            ensure!(
+                client_in.from.is_none(),
+                "allowExternal is true but clients are restricted"
+            );
         } else {
             let from = client_in.from.clone().unwrap_or_default();
-            ensure!(!from.is_empty(), "allowExternal is false but clients come from anywhere");
+            ensure!(
+                !from.is_empty(),
+                "allowExternal is false but clients come from anywhere"
+            );
             // The helm test pod carries the client label, so it gets through.
             let test_labels = r.test_pod().metadata.labels.unwrap_or_default();
             ensure!(
                 from.iter().any(|p| p.namespace_selector.is_none()
-                    && p.pod_selector.as_ref().and_then(|s| s.match_labels.as_ref()).is_some_and(|m| labels_match(m, &test_labels))),
+                    && p.pod_selector
+                        .as_ref()
+                        .and_then(|s| s.match_labels.as_ref())
+                        .is_some_and(|m| labels_match(m, &test_labels))),
                 "the helm test pod is not admitted as a client"
             );
         }
@@ -972,13 +1496,19 @@ fn network_policy_admits_peers_and_dns() {
             egress.iter().any(|rule| {
                 port_is(rule.ports.as_deref().unwrap_or_default(), port, "TCP")
                     && rule.to.iter().flatten().any(|peer| {
-                        peer.pod_selector.as_ref().and_then(|s| s.match_labels.as_ref()).is_some_and(|m| labels_match(m, &labels))
+                        peer.pod_selector
+                            .as_ref()
+                            .and_then(|s| s.match_labels.as_ref())
+                            .is_some_and(|m| labels_match(m, &labels))
                     })
             }),
             "no egress rule to peers on port {port}"
         );
         let types = spec.policy_types.unwrap_or_default();
-        ensure!(types.contains(&"Ingress".into()) && types.contains(&"Egress".into()), "policyTypes {types:?}");
+        ensure!(
+            types.contains(&"Ingress".into()) && types.contains(&"Egress".into()),
+            "policyTypes {types:?}"
+        );
         Ok(())
     });
 }
@@ -997,29 +1527,51 @@ fn config_change_rolls_the_pods() {
             .to_owned()
     };
     let base = checksum(&[]);
-    assert_eq!(base, checksum(&[]), "checksum/config changes between identical renders");
-    assert_ne!(base, checksum(&["--set", "config.timezone=Europe/Paris"]), "a config change keeps the same checksum/config");
-    assert_ne!(base, checksum(&["--set", "config.log_level=debug"]), "a log level change keeps the same checksum/config");
+    assert_eq!(
+        base,
+        checksum(&[]),
+        "checksum/config changes between identical renders"
+    );
+    assert_ne!(
+        base,
+        checksum(&["--set", "config.timezone=Europe/Paris"]),
+        "a config change keeps the same checksum/config"
+    );
+    assert_ne!(
+        base,
+        checksum(&["--set", "config.log_level=debug"]),
+        "a log level change keeps the same checksum/config"
+    );
 }
 
 fn app_version() -> String {
     let chart = std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap();
     let chart: Value = serde_yaml::from_str(&chart).unwrap();
-    chart["appVersion"].as_str().expect("Chart.yaml has a string appVersion").to_owned()
+    chart["appVersion"]
+        .as_str()
+        .expect("Chart.yaml has a string appVersion")
+        .to_owned()
 }
 
 #[test]
 fn chart_app_version_is_the_crate_version() {
     let cargo = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap();
     // The [package] table's version (the workspace root is the tally crate).
-    let package = cargo.split("\n[package]").nth(1).expect("Cargo.toml has a [package] table");
+    let package = cargo
+        .split("\n[package]")
+        .nth(1)
+        .expect("Cargo.toml has a [package] table");
     let version = package
         .lines()
         .take_while(|l| !l.starts_with('['))
         .find_map(|l| l.strip_prefix("version = "))
         .map(|v| v.trim().trim_matches('"').to_owned())
         .expect("[package] has a version");
-    assert_eq!(app_version(), version, "chart/Chart.yaml appVersion differs from the tally crate's version");
+    assert_eq!(
+        app_version(),
+        version,
+        "chart/Chart.yaml appVersion differs from the tally crate's version"
+    );
 }
 
 #[test]
@@ -1027,21 +1579,35 @@ fn notes_give_the_commands_for_this_release() {
     for_each_set(|r| {
         let chart = chart_dir();
         let out = run_helm(&[
-            "install", &r.release, chart.to_str().unwrap(), "--namespace", NAMESPACE, "--dry-run=client",
-            "-f", r.file.to_str().unwrap(),
+            "install",
+            &r.release,
+            chart.to_str().unwrap(),
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=client",
+            "-f",
+            r.file.to_str().unwrap(),
         ])?;
-        let notes = out.split("NOTES:").nth(1).context("no NOTES in helm install --dry-run")?;
+        let notes = out
+            .split("NOTES:")
+            .nth(1)
+            .context("no NOTES in helm install --dry-run")?;
         let pod = r.statefulset().metadata.name.unwrap_or_default();
         let headless = r.headless().metadata.name.unwrap_or_default();
         let client = r.client().metadata.name.unwrap_or_default();
         let mut wanted = vec![
             format!("kubectl exec --namespace {NAMESPACE} {pod}-0 -- tally peers"),
             format!("nslookup {pod}-1.{headless}"),
-            format!("{pod}-1.{headless}.{NAMESPACE}.svc.{}", r.str("clusterDomain")),
+            format!(
+                "{pod}-1.{headless}.{NAMESPACE}.svc.{}",
+                r.str("clusterDomain")
+            ),
             "/visits/total".to_owned(),
         ];
         for i in 0..r.int("replicaCount") {
-            wanted.push(format!("kubectl exec --namespace {NAMESPACE} {pod}-{i} -- tally visits"));
+            wanted.push(format!(
+                "kubectl exec --namespace {NAMESPACE} {pod}-{i} -- tally visits"
+            ));
         }
         wanted.push(match r.str("service.type") {
             "NodePort" => format!("-o jsonpath=\"{{.spec.ports[0].nodePort}}\" service {client}"),
@@ -1081,7 +1647,10 @@ struct CheckConfig {
 /// POD_NAMESPACE as the Downward API would set them for pod 0, and the
 /// chart's in-container paths (config file, data directory, token file)
 /// moved to temporary files; nothing else from this process' environment.
-fn check_config(r: &Rendered, config: &serde_json::Map<String, serde_json::Value>) -> Result<CheckConfig> {
+fn check_config(
+    r: &Rendered,
+    config: &serde_json::Map<String, serde_json::Value>,
+) -> Result<CheckConfig> {
     let dir = tempfile::tempdir()?;
     let config_file = dir.path().join("config.json");
     std::fs::write(&config_file, serde_json::to_string_pretty(config)?)?;
@@ -1092,7 +1661,10 @@ fn check_config(r: &Rendered, config: &serde_json::Map<String, serde_json::Value
 
     let pod = format!("{}-0", r.statefulset().metadata.name.unwrap_or_default());
     let mut cmd = Command::new(tally_bin());
-    cmd.arg("check-config").arg("--config").arg(&config_file).env_clear();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&config_file)
+        .env_clear();
     for var in r.env() {
         let value = match (var.name.as_str(), var.value) {
             ("POD_NAME", _) => pod.clone(),
@@ -1108,7 +1680,11 @@ fn check_config(r: &Rendered, config: &serde_json::Map<String, serde_json::Value
     let out = cmd.output().context("running tally check-config")?;
     Ok(CheckConfig {
         code: out.status.code(),
-        output: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     })
 }
 
@@ -1128,9 +1704,17 @@ fn tally_check_config_accepts_what_the_chart_renders() {
         // check-config prints the effective configuration: the values the
         // chart passed through the environment and the file are in it.
         let headless = r.headless().metadata.name.unwrap_or_default();
-        let timezone = config.get("timezone").and_then(|v| v.as_str()).unwrap_or("UTC").to_owned();
+        let timezone = config
+            .get("timezone")
+            .and_then(|v| v.as_str())
+            .unwrap_or("UTC")
+            .to_owned();
         for expected in [headless.as_str(), r.str("clusterDomain"), timezone.as_str()] {
-            ensure!(run.output.contains(expected), "check-config's output does not show {expected:?}:\n{}", run.output);
+            ensure!(
+                run.output.contains(expected),
+                "check-config's output does not show {expected:?}:\n{}",
+                run.output
+            );
         }
         // tally does not refuse unknown TALLY_* variables (the environment is
         // shared), so acceptance alone proves nothing about the names: each
@@ -1149,7 +1733,9 @@ fn tally_check_config_accepts_what_the_chart_renders() {
         // Every key of the config file is a setting tally reports.
         for key in config.keys() {
             ensure!(
-                run.output.lines().any(|l| l.split_whitespace().next() == Some(key.as_str())),
+                run.output
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(key.as_str())),
                 "tally check-config does not report the config key {key:?}:\n{}",
                 run.output
             );
@@ -1163,10 +1749,24 @@ fn tally_check_config_accepts_what_the_chart_renders() {
     let mut unknown = r.config_json();
     unknown.insert("chart_test_unknown_key".into(), serde_json::json!(1));
     let run = check_config(r, &unknown).unwrap();
-    assert_eq!(run.code, Some(64), "an unknown config key was not refused with exit 64:\n{}", run.output);
-    assert!(run.output.contains("chart_test_unknown_key"), "the refusal does not name the key:\n{}", run.output);
+    assert_eq!(
+        run.code,
+        Some(64),
+        "an unknown config key was not refused with exit 64:\n{}",
+        run.output
+    );
+    assert!(
+        run.output.contains("chart_test_unknown_key"),
+        "the refusal does not name the key:\n{}",
+        run.output
+    );
     let mut bad = r.config_json();
     bad.insert("durability".into(), serde_json::json!("sometimes"));
     let run = check_config(r, &bad).unwrap();
-    assert_eq!(run.code, Some(64), "durability=sometimes was not refused with exit 64:\n{}", run.output);
+    assert_eq!(
+        run.code,
+        Some(64),
+        "durability=sometimes was not refused with exit 64:\n{}",
+        run.output
+    );
 }
