@@ -1595,11 +1595,17 @@ fn notes_give_the_commands_for_this_release() {
         let pod = r.statefulset().metadata.name.unwrap_or_default();
         let headless = r.headless().metadata.name.unwrap_or_default();
         let client = r.client().metadata.name.unwrap_or_default();
+        // The second pod, as the old lab asked (the first when there is one).
+        let other = if r.int("replicaCount") > 1 { 1 } else { 0 };
         let mut wanted = vec![
             format!("kubectl exec --namespace {NAMESPACE} {pod}-0 -- tally peers"),
-            format!("nslookup {pod}-1.{headless}"),
+            format!("nslookup {pod}-{other}.{headless}"),
             format!(
-                "{pod}-1.{headless}.{NAMESPACE}.svc.{}",
+                "{pod}-{other}.{headless}.{NAMESPACE}.svc.{}",
+                r.str("clusterDomain")
+            ),
+            format!(
+                "_http._tcp.{headless}.{NAMESPACE}.svc.{}",
                 r.str("clusterDomain")
             ),
             "/visits/total".to_owned(),
