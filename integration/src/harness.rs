@@ -294,8 +294,14 @@ impl ClusterDns {
     /// Serves on `ip` (a free port is picked) with an empty zone.
     pub async fn start(ip: Ipv4Addr) -> Result<ClusterDns> {
         let probe = std::net::UdpSocket::bind((ip, 0))?;
-        let addr = probe.local_addr()?;
+        let port = probe.local_addr()?.port();
         drop(probe);
+        ClusterDns::start_on(ip, port).await
+    }
+
+    /// Serves on `ip:port` with an empty zone.
+    pub async fn start_on(ip: Ipv4Addr, port: u16) -> Result<ClusterDns> {
+        let addr = SocketAddr::new(ip.into(), port);
         let zone: SharedZone = Arc::new(RwLock::new(Arc::new(Zone::default())));
         let serving = zone.clone();
         let task = tokio::spawn(async move {

@@ -63,6 +63,9 @@ fn fast(extra: &[&str]) -> Vec<String> {
         "config.shutdown_grace_s=2",
         "config.dns_max_ttl_s=1",
         "config.refresh_interval_ms=1000",
+        // `helm template` cannot look the existing Secret up, so a random
+        // token would change on every render (and every upgrade).
+        "auth.token=e2e-peer-token-0123456789abcdef",
     ];
     sets.extend_from_slice(extra);
     sets.iter().flat_map(|s| ["--set".to_string(), s.to_string()]).collect()
@@ -129,12 +132,16 @@ impl Sampler {
                     if r.status == 200 {
                         if let Ok(v) = serde_json::from_str::<Value>(&r.body) {
                             if let Some(total) = v["total"].as_u64() {
+                                // Who answered, and each pod's count and source.
                                 let who = v["pods"]
                                     .as_array()
-                                    .and_then(|p| p.iter().find(|x| x["source"] == "self"))
-                                    .and_then(|x| x["pod"].as_str())
-                                    .unwrap_or("?")
-                                    .to_string();
+                                    .map(|ps| {
+                                        ps.iter()
+                                            .map(|x| format!("{}={}({})", x["pod"].as_str().unwrap_or("?"), x["count"], x["source"].as_str().unwrap_or("?")))
+                                            .collect::<Vec<_>>()
+                                            .join(" ")
+                                    })
+                                    .unwrap_or_default();
                                 s2.lock().unwrap().push((t0.elapsed().as_secs_f64(), total, who));
                             }
                         }
@@ -173,6 +180,7 @@ impl Sampler {
 struct Visitor {
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -184,21 +192,31 @@ impl Visitor {
         let ns = status.client_netns.clone();
         let addr: std::net::SocketAddr = status.client_service.expect("client Service").parse().unwrap();
         let (a2, st2) = (acked.clone(), stop.clone());
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let e2 = errors.clone();
         let handle = std::thread::spawn(move || {
             tally_integration::sim::net::enter(&ns).expect("enter client netns");
             while !st2.load(Ordering::Relaxed) {
-                if matches!(tally_integration::sim::net::http_get(addr, "/", Duration::from_secs(3)), Ok(r) if r.status == 200) {
-                    a2.fetch_add(1, Ordering::Relaxed);
+                match tally_integration::sim::net::http_get(addr, "/", Duration::from_secs(3)) {
+                    Ok(r) if r.status == 200 => {
+                        a2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => e2.lock().unwrap().push(format!("HTTP {}: {}", r.status, r.body.trim())),
+                    Err(e) => e2.lock().unwrap().push(format!("{e:#}")),
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        Visitor { stop, acked, handle: Some(handle) }
+        Visitor { stop, acked, errors, handle: Some(handle) }
     }
 
     fn finish(mut self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.take().unwrap().join().expect("visitor thread");
+        let errors = self.errors.lock().unwrap();
+        if !errors.is_empty() {
+            println!("{} visits were not acknowledged; first ones: {:#?}", errors.len(), &errors[..errors.len().min(5)]);
+        }
         self.acked.load(Ordering::Relaxed)
     }
 }
@@ -211,7 +229,24 @@ fn wait_total(c: &Cluster, pod: &str, expected: u64) -> Value {
         if v["complete"] == true && v["total"].as_u64() == Some(expected) {
             return v;
         }
-        assert!(Instant::now() < deadline, "{pod}: /visits/total never became {expected} and complete; last: {v}");
+        if Instant::now() > deadline {
+            // What each claim holds on disk, to tell a lost visit from a stale view.
+            let stored: Vec<String> = c
+                .status()
+                .map(|s| s.claims)
+                .unwrap_or_default()
+                .iter()
+                .map(|claim| {
+                    let out = Command::new(prerequisites()).args(["visits", "--data-dir"]).arg(&claim.path).output();
+                    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+                    format!("{}: {}", claim.name, text.lines().take(3).collect::<Vec<_>>().join(" | "))
+                })
+                .collect();
+            panic!(
+                "{pod}: /visits/total never became {expected} and complete; last: {v}\nstored on the claims:\n{}",
+                stored.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(300));
     }
 }

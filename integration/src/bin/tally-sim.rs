@@ -365,7 +365,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut cluster = attach()?;
             let report = cluster.down()?;
             if report.is_empty() {
-                println!("cluster {name}: nothing to remove");
+                println!("cluster {name} is down: pods stopped, namespaces and state removed");
             }
             for line in report {
                 println!("{line}");

@@ -792,6 +792,17 @@ impl Sim {
                 }
             }
         }
+        let mut warnings = String::new();
+        for sec in &m.secrets {
+            let name = sec.metadata.name.clone().unwrap_or_default();
+            if self.manifests.secret(&name).is_some_and(|old| old.data != sec.data || old.string_data != sec.string_data) {
+                warnings.push_str(&format!(
+                    "; warning: Secret {name} changed. `helm template` cannot `lookup` the existing Secret, so a value \
+                     the chart generates at random changes on every render; pass it explicitly (e.g. --set auth.token=...) \
+                     to keep it"
+                ));
+            }
+        }
         self.services = services;
         self.manifests = m;
         self.sts.replicas = new.replicas;
@@ -801,7 +812,7 @@ impl Sim {
         let changed = self.sts.update_rev != new.update_rev;
         self.sts.update_rev = new.update_rev.clone();
         let msg = format!(
-            "replicas {}, partition {}, update revision {}{}",
+            "replicas {}, partition {}, update revision {}{}{warnings}",
             new.replicas,
             new.partition,
             new.update_rev,
