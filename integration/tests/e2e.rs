@@ -239,7 +239,7 @@ fn wait_total(c: &Cluster, pod: &str, expected: u64) -> Value {
                 .map(|claim| {
                     let out = Command::new(prerequisites()).args(["visits", "--data-dir"]).arg(&claim.path).output();
                     let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-                    format!("{}: {}", claim.name, text.lines().take(3).collect::<Vec<_>>().join(" | "))
+                    format!("{}: {}", claim.name, text.lines().filter(|l| l.contains("count")).collect::<Vec<_>>().join(" | "))
                 })
                 .collect();
             panic!(
