@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
 
-use crate::config::{self, CONFIG_ENV, Config, ConfigError, EXIT_CONFIG, LogFormat, SETTINGS, Sources};
+use crate::config::{
+    self, CONFIG_ENV, Config, ConfigError, EXIT_CONFIG, LogFormat, SETTINGS, Sources,
+};
 use crate::identity::Identity;
 use crate::peers::client::PeerClient;
 use crate::serve::{self, StartError};
@@ -205,7 +207,10 @@ fn visits(config: &Config) -> ExitCode {
                 .collect();
             println!("known others    {}", others.len());
             if !others.is_empty() {
-                println!("  {:24} {:34} {:>10}  LAST SEEN", "POD", "INCARNATION", "COUNT");
+                println!(
+                    "  {:24} {:34} {:>10}  LAST SEEN",
+                    "POD", "INCARNATION", "COUNT"
+                );
                 for e in &others {
                     println!(
                         "  {:24} {:34} {:>10}  {}",
@@ -268,7 +273,11 @@ async fn peers_command(config: &Config) -> ExitCode {
     }
     println!(
         "nameservers  {}",
-        info.nameservers.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ")
+        info.nameservers
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!("search       {}", info.search.join(" "));
     println!("ndots        {}", info.ndots);
@@ -288,7 +297,9 @@ async fn peers_command(config: &Config) -> ExitCode {
         let client = client.clone();
         async move {
             let started = Instant::now();
-            let result = client.fetch(peer.addr, config.peer_timeout.max(Duration::from_secs(1))).await;
+            let result = client
+                .fetch(peer.addr, config.peer_timeout.max(Duration::from_secs(1)))
+                .await;
             (peer, result, started.elapsed())
         }
     });
@@ -298,7 +309,11 @@ async fn peers_command(config: &Config) -> ExitCode {
     );
     let mut unreachable = 0;
     for (peer, result, took) in futures::future::join_all(checks).await {
-        let me = if peer.pod == identity.pod { " (this pod)" } else { "" };
+        let me = if peer.pod == identity.pod {
+            " (this pod)"
+        } else {
+            ""
+        };
         match result {
             Ok(state) => {
                 let count = state

@@ -94,7 +94,9 @@ impl fmt::Display for Source {
 /// What went wrong reading the settings. Every variant exits 64.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source} (set --config or TALLY_CONFIG to a readable JSON file)")]
+    #[error(
+        "cannot read config file {path}: {source} (set --config or TALLY_CONFIG to a readable JSON file)"
+    )]
     ReadFile {
         path: PathBuf,
         source: std::io::Error,
@@ -211,11 +213,11 @@ pub struct Sources<'a> {
 impl Config {
     /// Resolve every setting from the sources, validate, and type it.
     pub fn load(sources: &Sources<'_>) -> Result<Config, ConfigError> {
-        let file = match sources
-            .config_flag
-            .clone()
-            .or_else(|| (sources.env)(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
-        {
+        let file = match sources.config_flag.clone().or_else(|| {
+            (sources.env)(CONFIG_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        }) {
             Some(path) => Some(read_file(&path)?),
             None => None,
         };
@@ -223,7 +225,10 @@ impl Config {
         for setting in SETTINGS {
             let flag = sources.flags.iter().rev().find(|(k, _)| *k == setting.key);
             let value = if let Some((_, v)) = flag {
-                (v.clone(), Source::Flag(format!("--{}", flag_name(setting.key))))
+                (
+                    v.clone(),
+                    Source::Flag(format!("--{}", flag_name(setting.key))),
+                )
             } else if let Some(v) = (sources.env)(setting.env) {
                 (v, Source::Env(setting.env))
             } else if let Some((path, v)) = file
@@ -256,9 +261,12 @@ fn read_file(path: &Path) -> Result<(PathBuf, BTreeMap<String, String>), ConfigE
         path: path.to_path_buf(),
         reason,
     };
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| syntax(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| syntax(e.to_string()))?;
     let serde_json::Value::Object(object) = value else {
-        return Err(syntax("expected an object like {\"timezone\": \"UTC\"}".into()));
+        return Err(syntax(
+            "expected an object like {\"timezone\": \"UTC\"}".into(),
+        ));
     };
     let mut map = BTreeMap::new();
     for (key, value) in object {
@@ -266,7 +274,11 @@ fn read_file(path: &Path) -> Result<(PathBuf, BTreeMap<String, String>), ConfigE
             return Err(ConfigError::UnknownKey {
                 key,
                 path: path.to_path_buf(),
-                known: SETTINGS.iter().map(|s| s.key).collect::<Vec<_>>().join(", "),
+                known: SETTINGS
+                    .iter()
+                    .map(|s| s.key)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
         let text = match value {
@@ -352,7 +364,10 @@ impl Raw {
                     return Ok(None);
                 }
                 v.parse::<SocketAddr>()
-                    .or_else(|_| v.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .or_else(|_| {
+                        v.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
                     .map(Some)
                     .map_err(|_| "expected IP or IP:PORT, e.g. 10.96.0.10:53".to_string())
             })?,
@@ -377,7 +392,9 @@ impl Raw {
                 (!every.is_zero()).then_some(every)
             },
             peer_token_file: self.get("peer_token_file", |v| Ok(optional(v).map(PathBuf::from)))?,
-            shutdown_grace: self.get("shutdown_grace_s", |v| number(v, 0).map(Duration::from_secs))?,
+            shutdown_grace: self.get("shutdown_grace_s", |v| {
+                number(v, 0).map(Duration::from_secs)
+            })?,
             max_connections: self.get("max_connections", |v| number(v, 1).map(|n| n as usize))?,
             request_timeout: self.millis("request_timeout_ms", 1)?,
             header_read_timeout: self.millis("header_read_timeout_ms", 1)?,
@@ -480,9 +497,20 @@ mod tests {
         let c = load(&[("listen", "127.0.0.1:1")], &env, Some(file)).unwrap();
         assert_eq!(c.listen.port(), 1, "flag wins");
         assert_eq!(c.timezone.0, "Asia/Tokyo", "env beats file");
-        assert_eq!(c.peer_timeout, Duration::from_millis(50), "file beats default");
+        assert_eq!(
+            c.peer_timeout,
+            Duration::from_millis(50),
+            "file beats default"
+        );
         assert_eq!(c.namespace, "from-file");
-        let source = |key| c.provenance.iter().find(|(k, _, _)| *k == key).unwrap().2.clone();
+        let source = |key| {
+            c.provenance
+                .iter()
+                .find(|(k, _, _)| *k == key)
+                .unwrap()
+                .2
+                .clone()
+        };
         assert_eq!(source("listen"), Source::Flag("--listen".into()));
         assert_eq!(source("timezone"), Source::Env("TALLY_TIMEZONE"));
         assert!(matches!(source("peer_timeout_ms"), Source::File(_)));
@@ -493,19 +521,67 @@ mod tests {
     fn unknown_file_key_is_named() {
         let err = load(&[], &[("POD_NAME", "a-0")], Some(r#"{"listne":"x"}"#)).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("`listne`") && msg.contains("config.json"), "{msg}");
+        assert!(
+            msg.contains("`listne`") && msg.contains("config.json"),
+            "{msg}"
+        );
     }
+
+    /// Flags, env, file, then the key and source the error must name.
+    type Case<'a> = (
+        &'a [(&'static str, &'a str)],
+        &'a [(&'a str, &'a str)],
+        Option<&'a str>,
+        &'a str,
+        &'a str,
+    );
 
     #[test]
     fn bad_values_name_key_and_source() {
-        let cases: &[(&[(&'static str, &str)], &[(&str, &str)], Option<&str>, &str, &str)] = &[
-            (&[], &[("TALLY_PEER_TIMEOUT_MS", "soon")], None, "peer_timeout_ms", "TALLY_PEER_TIMEOUT_MS"),
+        let cases: &[Case<'_>] = &[
+            (
+                &[],
+                &[("TALLY_PEER_TIMEOUT_MS", "soon")],
+                None,
+                "peer_timeout_ms",
+                "TALLY_PEER_TIMEOUT_MS",
+            ),
             (&[("listen", "nowhere")], &[], None, "listen", "--listen"),
-            (&[], &[], Some(r#"{"timezone":"Mars/Olympus"}"#), "timezone", "config file"),
-            (&[], &[], Some(r#"{"durability":"maybe"}"#), "durability", "config file"),
-            (&[], &[("POD_NAMESPACE", "Bad_NS")], None, "namespace", "POD_NAMESPACE"),
-            (&[], &[("TALLY_MAX_CONNECTIONS", "0")], None, "max_connections", "TALLY_MAX_CONNECTIONS"),
-            (&[], &[("TALLY_LOG_FORMAT", "xml")], None, "log_format", "TALLY_LOG_FORMAT"),
+            (
+                &[],
+                &[],
+                Some(r#"{"timezone":"Mars/Olympus"}"#),
+                "timezone",
+                "config file",
+            ),
+            (
+                &[],
+                &[],
+                Some(r#"{"durability":"maybe"}"#),
+                "durability",
+                "config file",
+            ),
+            (
+                &[],
+                &[("POD_NAMESPACE", "Bad_NS")],
+                None,
+                "namespace",
+                "POD_NAMESPACE",
+            ),
+            (
+                &[],
+                &[("TALLY_MAX_CONNECTIONS", "0")],
+                None,
+                "max_connections",
+                "TALLY_MAX_CONNECTIONS",
+            ),
+            (
+                &[],
+                &[("TALLY_LOG_FORMAT", "xml")],
+                None,
+                "log_format",
+                "TALLY_LOG_FORMAT",
+            ),
         ];
         for (flags, env, file, key, source) in cases {
             let mut env = env.to_vec();
@@ -520,7 +596,10 @@ mod tests {
     fn file_must_be_an_object_of_scalars() {
         for text in ["[1]", "{\"listen\": [1]}", "not json"] {
             let err = load(&[], &[("POD_NAME", "a-0")], Some(text)).unwrap_err();
-            assert!(matches!(err, ConfigError::FileSyntax { .. }), "{text}: {err}");
+            assert!(
+                matches!(err, ConfigError::FileSyntax { .. }),
+                "{text}: {err}"
+            );
         }
     }
 
@@ -528,7 +607,12 @@ mod tests {
     fn dns_server_accepts_ip_or_ip_port() {
         let c = load(&[("dns_server", "127.0.0.9")], &[("POD_NAME", "a-0")], None).unwrap();
         assert_eq!(c.dns_server.unwrap().to_string(), "127.0.0.9:53");
-        let c = load(&[("dns_server", "127.0.0.9:5353")], &[("POD_NAME", "a-0")], None).unwrap();
+        let c = load(
+            &[("dns_server", "127.0.0.9:5353")],
+            &[("POD_NAME", "a-0")],
+            None,
+        )
+        .unwrap();
         assert_eq!(c.dns_server.unwrap().port(), 5353);
     }
 }

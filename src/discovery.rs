@@ -25,7 +25,9 @@ pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Errors building the resolver.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("cannot read the DNS configuration {RESOLV_CONF}: {0} (set TALLY_DNS_SERVER to bypass it)")]
+    #[error(
+        "cannot read the DNS configuration {RESOLV_CONF}: {0} (set TALLY_DNS_SERVER to bypass it)"
+    )]
     ResolvConf(NetError),
     #[error("cannot build the DNS resolver: {0}")]
     Build(NetError),
@@ -85,7 +87,10 @@ impl Discovery {
                 for connection in &mut ns.connections {
                     connection.port = addr.port();
                 }
-                (ResolverConfig::from_name_servers(vec![ns]), ResolverOpts::default())
+                (
+                    ResolverConfig::from_name_servers(vec![ns]),
+                    ResolverOpts::default(),
+                )
             }
             None => hickory_resolver::system_conf::read_system_conf()
                 .map_err(DiscoveryError::ResolvConf)?,
@@ -98,7 +103,11 @@ impl Discovery {
             nameservers: config
                 .name_servers()
                 .iter()
-                .flat_map(|ns| ns.connections.first().map(|c| SocketAddr::new(ns.ip, c.port)))
+                .flat_map(|ns| {
+                    ns.connections
+                        .first()
+                        .map(|c| SocketAddr::new(ns.ip, c.port))
+                })
                 .collect(),
             search: config.search().iter().map(|n| n.to_string()).collect(),
             ndots: opts.ndots,
@@ -213,7 +222,9 @@ fn classify(name: &str, kind: &str, error: &NetError) -> Failure {
              (a fresh StatefulSet, or its serviceName names no headless Service with a port named like TALLY_PEERS_PORT_NAME)"
         ))
     } else if error.is_no_records_found() {
-        Failure::NoMembers(format!("{kind} lookup of {name} returned no records: no members right now"))
+        Failure::NoMembers(format!(
+            "{kind} lookup of {name} returned no records: no members right now"
+        ))
     } else {
         Failure::Transient(format!("{kind} lookup of {name} failed: {error}"))
     }

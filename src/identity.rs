@@ -139,8 +139,17 @@ mod tests {
             port_name: "http".into(),
             domain: "cluster.local".into(),
         };
-        assert_eq!(m.srv_name(), "_http._tcp.tally-headless.prod.svc.cluster.local.");
-        assert_eq!(m.pod_fqdn("tally-2"), "tally-2.tally-headless.prod.svc.cluster.local.");
-        assert_eq!(pod_of_target("tally-2.tally-headless.prod.svc.cluster.local."), "tally-2");
+        assert_eq!(
+            m.srv_name(),
+            "_http._tcp.tally-headless.prod.svc.cluster.local."
+        );
+        assert_eq!(
+            m.pod_fqdn("tally-2"),
+            "tally-2.tally-headless.prod.svc.cluster.local."
+        );
+        assert_eq!(
+            pod_of_target("tally-2.tally-headless.prod.svc.cluster.local."),
+            "tally-2"
+        );
     }
 }

@@ -17,7 +17,7 @@
 //!   `/visits/total` view; what a pod knows of the others, persisted.
 //! - [`http`]: router and handlers, the page, and the edge server.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`shutdown`]: SIGTERM/SIGINT.
+//! - [`shutdown`]: the SIGTERM/SIGINT signal.
 //! - [`serve`]: assembles a running pod; [`cli`]: the command line.
 
 pub mod cli;

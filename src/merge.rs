@@ -53,7 +53,9 @@ pub struct Known {
 /// Why a sibling's state was refused as a whole.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MergeError {
-    #[error("{pod} ({incarnation}) reported {reported} visits but had already reported {known}: counts never go down")]
+    #[error(
+        "{pod} ({incarnation}) reported {reported} visits but had already reported {known}: counts never go down"
+    )]
     Regression {
         pod: String,
         incarnation: String,
@@ -116,7 +118,10 @@ impl Counter {
         let mut seen = std::collections::HashSet::new();
         for e in entries {
             if !seen.insert(e.key()) {
-                return Err(MergeError::Duplicate(format!("{}/{}", e.pod, e.incarnation)));
+                return Err(MergeError::Duplicate(format!(
+                    "{}/{}",
+                    e.pod, e.incarnation
+                )));
             }
             if e.pod == me.pod && e.incarnation == me.incarnation && e.count > me.count {
                 return Err(MergeError::ForgedSelf {
@@ -130,15 +135,15 @@ impl Counter {
             .iter()
             .find(|e| e.key() == *from)
             .ok_or_else(|| MergeError::MissingSelf(format!("{}/{}", from.pod, from.incarnation)))?;
-        if let Some(known) = self.entries.get(from) {
-            if own.count < known.count {
-                return Err(MergeError::Regression {
-                    pod: from.pod.clone(),
-                    incarnation: from.incarnation.clone(),
-                    known: known.count,
-                    reported: own.count,
-                });
-            }
+        if let Some(known) = self.entries.get(from)
+            && own.count < known.count
+        {
+            return Err(MergeError::Regression {
+                pod: from.pod.clone(),
+                incarnation: from.incarnation.clone(),
+                known: known.count,
+                reported: own.count,
+            });
         }
         let new_keys = entries
             .iter()
@@ -255,7 +260,10 @@ mod tests {
         let table: Vec<(Vec<Entry>, Option<&str>)> = vec![
             (vec![e("t-1", "b", 50), e("t-2", "c", 3)], None),
             (vec![e("t-1", "b", 49)], Some("never go down")),
-            (vec![e("t-1", "b", 60), e("t-0", "m", 11)], Some("own counter")),
+            (
+                vec![e("t-1", "b", 60), e("t-0", "m", 11)],
+                Some("own counter"),
+            ),
             (vec![e("t-1", "b", 60), e("t-1", "b", 61)], Some("twice")),
             (vec![e("t-2", "c", 60)], Some("own entry")),
         ];
@@ -274,7 +282,9 @@ mod tests {
     #[test]
     fn check_bounds_entry_count() {
         let me = e("t-0", "m", 0);
-        let many: Vec<Entry> = (0..=MAX_ENTRIES).map(|i| e(&format!("p-{i}"), "i", 1)).collect();
+        let many: Vec<Entry> = (0..=MAX_ENTRIES)
+            .map(|i| e(&format!("p-{i}"), "i", 1))
+            .collect();
         let from = many[0].key();
         assert!(matches!(
             Counter::default().check(&from, &many, &me),

@@ -76,7 +76,11 @@ impl Metrics {
             peer_auth_failures: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("visits", "Visits counted by this pod", metrics.visits.clone());
+        registry.register(
+            "visits",
+            "Visits counted by this pod",
+            metrics.visits.clone(),
+        );
         registry.register(
             "http_request_duration_seconds",
             "HTTP request duration by route and status",

@@ -26,14 +26,18 @@ pub enum StartError {
     Peers(#[from] PeersError),
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
-    #[error("cannot read the peer token file {path}: {source} (mount the Secret there, or unset TALLY_PEER_TOKEN_FILE)")]
+    #[error(
+        "cannot read the peer token file {path}: {source} (mount the Secret there, or unset TALLY_PEER_TOKEN_FILE)"
+    )]
     TokenFile {
         path: String,
         source: std::io::Error,
     },
     #[error("the peer token file {0} is empty: put the shared token in it")]
     EmptyToken(String),
-    #[error("cannot listen on {addr}: {source} (is another process using the port? set --listen or TALLY_LISTEN)")]
+    #[error(
+        "cannot listen on {addr}: {source} (is another process using the port? set --listen or TALLY_LISTEN)"
+    )]
     Listen {
         addr: std::net::SocketAddr,
         source: std::io::Error,

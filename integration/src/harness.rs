@@ -256,7 +256,12 @@ impl Http {
         self.request(Method::GET, url, &[]).await
     }
 
-    pub async fn request(&self, method: Method, url: &str, headers: &[(&str, &str)]) -> Result<Reply> {
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply> {
         let mut request = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             request = request.header(*k, *v);

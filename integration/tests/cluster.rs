@@ -31,13 +31,18 @@ struct Pods {
 impl Pods {
     async fn start(test: u8, n: usize, extra_env: &[(&str, &str)]) -> Pods {
         let block = loopback_block(test);
-        let dns = ClusterDns::start(Ipv4Addr::new(block[0], block[1], block[2], 2)).await.unwrap();
+        let dns = ClusterDns::start(Ipv4Addr::new(block[0], block[1], block[2], 2))
+            .await
+            .unwrap();
         let mut pods = Pods {
             dns,
             block,
             dirs: (0..n).map(|_| tempfile::tempdir().unwrap()).collect(),
             pods: Vec::new(),
-            extra_env: extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            extra_env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             http: Http::new(),
         };
         for i in 0..n {
@@ -94,14 +99,23 @@ impl Pods {
 
     async fn total(&self, i: usize) -> (Value, Duration) {
         let started = Instant::now();
-        let reply = self.http.get(&self.pod(i).url("/visits/total")).await.unwrap();
+        let reply = self
+            .http
+            .get(&self.pod(i).url("/visits/total"))
+            .await
+            .unwrap();
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
         (reply.json(), started.elapsed())
     }
 }
 
 fn row<'a>(view: &'a Value, pod: &str) -> Vec<&'a Value> {
-    view["pods"].as_array().unwrap().iter().filter(|r| r["pod"] == pod).collect()
+    view["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["pod"] == pod)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -118,10 +132,18 @@ async fn every_pod_reports_the_exact_sum() {
         assert_eq!(view["pods"].as_array().unwrap().len(), 3, "{view}");
         for j in 0..3 {
             let want = if i == j { "self" } else { "live" };
-            assert_eq!(row(&view, &format!("tally-{j}"))[0]["source"], want, "{view}");
+            assert_eq!(
+                row(&view, &format!("tally-{j}"))[0]["source"],
+                want,
+                "{view}"
+            );
         }
     }
-    let text = pods.http.get(&pods.pod(1).url("/visits/total?format=text")).await.unwrap();
+    let text = pods
+        .http
+        .get(&pods.pod(1).url("/visits/total?format=text"))
+        .await
+        .unwrap();
     assert_eq!(text.body, "10\n");
 }
 
@@ -139,8 +161,14 @@ async fn killed_and_hung_pods_keep_their_counts_and_cost_at_most_the_deadline() 
     assert_eq!(view["total"], 17, "{view}");
     assert_eq!(view["complete"], false);
     let gone = row(&view, "tally-2")[0];
-    assert_eq!((gone["source"].as_str(), gone["count"].as_u64()), (Some("cached"), Some(7)));
-    assert!(gone["error"].as_str().unwrap().contains("connection"), "{gone}");
+    assert_eq!(
+        (gone["source"].as_str(), gone["count"].as_u64()),
+        (Some("cached"), Some(7))
+    );
+    assert!(
+        gone["error"].as_str().unwrap().contains("connection"),
+        "{gone}"
+    );
 
     pods.pod(1).signal(Signal::SIGSTOP);
     let (view, took) = pods.total(0).await;
@@ -161,18 +189,29 @@ async fn scale_down_and_a_replaced_volume_never_lower_the_total() {
     assert_eq!(pods.total(0).await.0["total"], 10);
 
     // Scale 3 → 2: tally-2 stops and its records go.
-    pods.pods[2].take().unwrap().terminate(Duration::from_secs(10)).unwrap();
+    pods.pods[2]
+        .take()
+        .unwrap()
+        .terminate(Duration::from_secs(10))
+        .unwrap();
     pods.publish_all();
     let (view, _) = pods.total(0).await;
     assert_eq!(view["total"], 10, "{view}");
     assert_eq!(view["members"], 2);
-    assert_eq!(view["complete"], true, "both current members answered: {view}");
+    assert_eq!(
+        view["complete"], true,
+        "both current members answered: {view}"
+    );
     assert_eq!(row(&view, "tally-2")[0]["source"], "cached");
 
     // tally-1 comes back on a new, empty volume: a new incarnation.
     let old = pods.total(1).await.0;
     let old_incarnation = row(&old, "tally-1")[0]["incarnation"].clone();
-    pods.pods[1].take().unwrap().terminate(Duration::from_secs(10)).unwrap();
+    pods.pods[1]
+        .take()
+        .unwrap()
+        .terminate(Duration::from_secs(10))
+        .unwrap();
     pods.dirs[1] = tempfile::tempdir().unwrap();
     pods.pods[1] = Some(pods.launch(1));
     pods.publish_all();
@@ -181,8 +220,14 @@ async fn scale_down_and_a_replaced_volume_never_lower_the_total() {
     assert_eq!(view["total"], 14, "old visits stay, new ones add: {view}");
     let rows = row(&view, "tally-1");
     assert_eq!(rows.len(), 2, "{view}");
-    let old_row = rows.iter().find(|r| r["incarnation"] == old_incarnation).unwrap();
-    assert_eq!((old_row["count"].as_u64(), old_row["source"].as_str()), (Some(3), Some("cached")));
+    let old_row = rows
+        .iter()
+        .find(|r| r["incarnation"] == old_incarnation)
+        .unwrap();
+    assert_eq!(
+        (old_row["count"].as_u64(), old_row["source"].as_str()),
+        (Some(3), Some("cached"))
+    );
     // The new pod learns its predecessor's count too.
     assert_eq!(pods.total(1).await.0["total"], 14);
 }
@@ -199,7 +244,10 @@ async fn knowledge_travels_through_a_sibling() {
     let (view, _) = pods.total(0).await;
     assert_eq!(view["total"], 10, "{view}");
     let c = row(&view, "tally-2")[0];
-    assert_eq!((c["count"].as_u64(), c["source"].as_str()), (Some(9), Some("cached")));
+    assert_eq!(
+        (c["count"].as_u64(), c["source"].as_str()),
+        (Some(9), Some("cached"))
+    );
     assert_eq!(view["complete"], false);
 }
 
@@ -211,18 +259,28 @@ async fn the_total_survives_a_full_restart() {
     pods.visit(2, 3).await;
     assert_eq!(pods.total(0).await.0["total"], 6);
     for slot in &mut pods.pods {
-        slot.take().unwrap().terminate(Duration::from_secs(10)).unwrap();
+        slot.take()
+            .unwrap()
+            .terminate(Duration::from_secs(10))
+            .unwrap();
     }
     // Only tally-0 is back; its siblings are still down (their records stay).
     pods.pods[0] = Some(pods.launch(0));
     let (view, _) = pods.total(0).await;
-    assert_eq!(view["total"], 6, "first answer after a full restart: {view}");
+    assert_eq!(
+        view["total"], 6,
+        "first answer after a full restart: {view}"
+    );
     assert_eq!(view["complete"], false);
     pods.pods[1] = Some(pods.launch(1));
     pods.pods[2] = Some(pods.launch(2));
     pods.publish_all();
     let (view, _) = pods.total(0).await;
-    assert_eq!((view["total"].as_u64(), view["complete"].as_bool()), (Some(6), Some(true)), "{view}");
+    assert_eq!(
+        (view["total"].as_u64(), view["complete"].as_bool()),
+        (Some(6), Some(true)),
+        "{view}"
+    );
 }
 
 /// How a fake peer misbehaves.
@@ -239,7 +297,11 @@ enum Behaviour {
 }
 
 /// A fake sibling `pod` on `ip`; returns its address and request counter.
-async fn fake_peer(ip: Ipv4Addr, pod: &'static str, behaviour: Behaviour) -> (SocketAddr, Arc<AtomicUsize>) {
+async fn fake_peer(
+    ip: Ipv4Addr,
+    pod: &'static str,
+    behaviour: Behaviour,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let requests = Arc::new(AtomicUsize::new(0));
@@ -251,7 +313,9 @@ async fn fake_peer(ip: Ipv4Addr, pod: &'static str, behaviour: Behaviour) -> (So
                 let mut buf = vec![0u8; 8192];
                 let mut head = Vec::new();
                 loop {
-                    let Ok(n) = stream.read(&mut buf).await else { return };
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
@@ -262,12 +326,18 @@ async fn fake_peer(ip: Ipv4Addr, pod: &'static str, behaviour: Behaviour) -> (So
                     head.clear();
                     let nth = seen.fetch_add(1, Ordering::SeqCst);
                     let state = |count: i64| {
-                        format!(r#"{{"pod":"{pod}","incarnation":"f00d","entries":[{{"pod":"{pod}","incarnation":"f00d","count":{count}}}]}}"#)
+                        format!(
+                            r#"{{"pod":"{pod}","incarnation":"f00d","entries":[{{"pod":"{pod}","incarnation":"f00d","count":{count}}}]}}"#
+                        )
                     };
                     let body = match behaviour {
                         Behaviour::Garbage => "{\"pod\": [not json".to_string(),
                         Behaviour::Negative => state(-5),
-                        Behaviour::Regressing(count) => state(if nth == 0 { count as i64 } else { count as i64 - 10 }),
+                        Behaviour::Regressing(count) => state(if nth == 0 {
+                            count as i64
+                        } else {
+                            count as i64 - 10
+                        }),
                         Behaviour::Slow(count) => {
                             tokio::time::sleep(Duration::from_millis(200)).await;
                             state(count as i64)
@@ -287,7 +357,13 @@ async fn fake_peer(ip: Ipv4Addr, pod: &'static str, behaviour: Behaviour) -> (So
                         Behaviour::SlowDrip => {
                             let body = state(1);
                             let _ = stream
-                                .write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes())
+                                .write_all(
+                                    format!(
+                                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                                        body.len()
+                                    )
+                                    .as_bytes(),
+                                )
                                 .await;
                             for byte in body.bytes() {
                                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -352,9 +428,17 @@ async fn hostile_peers_are_refused_and_reported_and_change_nothing() {
             assert!(error.contains(why), "{name}: {error}");
         }
     }
-    let metrics = pods.http.get(&pods.pod(0).url("/metrics")).await.unwrap().body;
+    let metrics = pods
+        .http
+        .get(&pods.pod(0).url("/metrics"))
+        .await
+        .unwrap()
+        .body;
     for kind in ["malformed", "too_large", "invalid", "timeout"] {
-        assert!(metrics.contains(&format!("tally_peer_errors_total{{kind=\"{kind}\"}}")), "{kind}: {metrics}");
+        assert!(
+            metrics.contains(&format!("tally_peer_errors_total{{kind=\"{kind}\"}}")),
+            "{kind}: {metrics}"
+        );
     }
 }
 
@@ -370,10 +454,21 @@ async fn nxdomain_names_the_query_and_a_silent_dns_keeps_the_members() {
     assert_eq!(view["members"], 3, "{view}");
     assert_eq!(view["total"], 2);
     let error = view["discovery_error"].as_str().unwrap();
-    assert!(error.contains("_http._tcp.tally-headless.default.svc.cluster.local.") && error.contains("3 last known"), "{error}");
+    assert!(
+        error.contains("_http._tcp.tally-headless.default.svc.cluster.local.")
+            && error.contains("3 last known"),
+        "{error}"
+    );
 
     // A pod told to look up a Service that does not exist.
-    let dns = ClusterDns::start(Ipv4Addr::new(pods.block[0], pods.block[1], pods.block[2], 3)).await.unwrap();
+    let dns = ClusterDns::start(Ipv4Addr::new(
+        pods.block[0],
+        pods.block[1],
+        pods.block[2],
+        3,
+    ))
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lost = TallyOptions::new(dir.path())
         .listen(SocketAddr::new(pods.ip(9).into(), 0))
@@ -381,28 +476,50 @@ async fn nxdomain_names_the_query_and_a_silent_dns_keeps_the_members() {
         .env("TALLY_PEERS_SERVICE", "web")
         .env("TALLY_DNS_SERVER", dns.addr);
     let tally = Tally::start(&lost).unwrap();
-    let view = pods.http.get(&tally.url("/visits/total")).await.unwrap().json();
+    let view = pods
+        .http
+        .get(&tally.url("/visits/total"))
+        .await
+        .unwrap()
+        .json();
     let error = view["discovery_error"].as_str().unwrap();
-    assert!(error.contains("_http._tcp.web.default.svc.cluster.local.") && error.contains("NXDOMAIN"), "{error}");
-    assert_eq!((view["members"].as_u64(), view["complete"].as_bool()), (Some(0), Some(false)));
+    assert!(
+        error.contains("_http._tcp.web.default.svc.cluster.local.") && error.contains("NXDOMAIN"),
+        "{error}"
+    );
+    assert_eq!(
+        (view["members"].as_u64(), view["complete"].as_bool()),
+        (Some(0), Some(false))
+    );
 
     let out = lost.clone().arg("peers").run();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("_http._tcp.web.default.svc.cluster.local.") && stderr.contains("NXDOMAIN"), "{stderr}");
+    assert!(
+        stderr.contains("_http._tcp.web.default.svc.cluster.local.") && stderr.contains("NXDOMAIN"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_concurrent_totals_share_a_handful_of_fetches() {
     let pods = Pods::start(8, 1, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
     let b = pods.block;
-    let (addr, fetches) = fake_peer(Ipv4Addr::new(b[0], b[1], b[2], 100), "tally-1", Behaviour::Slow(5)).await;
-    pods.dns.publish(&[("tally-0", pods.pod(0).addr), ("tally-1", addr)]);
+    let (addr, fetches) = fake_peer(
+        Ipv4Addr::new(b[0], b[1], b[2], 100),
+        "tally-1",
+        Behaviour::Slow(5),
+    )
+    .await;
+    pods.dns
+        .publish(&[("tally-0", pods.pod(0).addr), ("tally-1", addr)]);
     let url = pods.pod(0).url("/visits/total");
     let requests: Vec<_> = (0..1000)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { Http::new().get(&url).await.unwrap().json()["total"].as_u64() })
+            tokio::spawn(
+                async move { Http::new().get(&url).await.unwrap().json()["total"].as_u64() },
+            )
         })
         .collect();
     for r in requests {
@@ -410,8 +527,16 @@ async fn a_thousand_concurrent_totals_share_a_handful_of_fetches() {
     }
     let n = fetches.load(Ordering::SeqCst);
     assert!((1..=10).contains(&n), "{n} fetches for 1000 requests");
-    let metrics = pods.http.get(&pods.pod(0).url("/metrics")).await.unwrap().body;
-    assert!(!metrics.contains("tally_total_requests_coalesced_total 0\n"), "{metrics}");
+    let metrics = pods
+        .http
+        .get(&pods.pod(0).url("/metrics"))
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        !metrics.contains("tally_total_requests_coalesced_total 0\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -422,11 +547,23 @@ async fn a_pod_never_calls_itself() {
     pods.visit(0, 2).await;
     for _ in 0..5 {
         let (view, _) = pods.total(0).await;
-        assert_eq!((view["members"].as_u64(), view["complete"].as_bool()), (Some(1), Some(true)), "{view}");
+        assert_eq!(
+            (view["members"].as_u64(), view["complete"].as_bool()),
+            (Some(1), Some(true)),
+            "{view}"
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let metrics = pods.http.get(&pods.pod(0).url("/metrics")).await.unwrap().body;
-    assert!(!metrics.contains("route=\"/peer/state\""), "tally-0 fetched itself:\n{metrics}");
+    let metrics = pods
+        .http
+        .get(&pods.pod(0).url("/metrics"))
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        !metrics.contains("route=\"/peer/state\""),
+        "tally-0 fetched itself:\n{metrics}"
+    );
     assert!(metrics.contains("tally_peer_fetches_total 0"), "{metrics}");
 }
 
@@ -436,7 +573,11 @@ async fn tally_peers_shows_what_the_pod_resolves() {
     pods.visit(1, 4).await;
     let out = pods.options(0).arg("peers").run();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for want in [
         "SRV _http._tcp.tally-headless.default.svc.cluster.local.",
         "2 member(s)",
@@ -446,7 +587,10 @@ async fn tally_peers_shows_what_the_pod_resolves() {
     ] {
         assert!(stdout.contains(want), "{want}: {stdout}");
     }
-    let tally1 = stdout.lines().find(|l| l.trim_start().starts_with("tally-1 ")).unwrap();
+    let tally1 = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("tally-1 "))
+        .unwrap();
     assert!(tally1.split_whitespace().nth(2) == Some("4"), "{tally1}");
 }
 
@@ -459,9 +603,25 @@ async fn the_peer_token_is_required_when_set() {
     let pods = Pods::start(10, 2, &[("TALLY_PEER_TOKEN_FILE", &token)]).await;
     pods.visit(1, 3).await;
     let (view, _) = pods.total(0).await;
-    assert_eq!((view["total"].as_u64(), view["complete"].as_bool()), (Some(3), Some(true)), "{view}");
-    let anonymous = pods.http.get(&pods.pod(1).url("/peer/state")).await.unwrap();
+    assert_eq!(
+        (view["total"].as_u64(), view["complete"].as_bool()),
+        (Some(3), Some(true)),
+        "{view}"
+    );
+    let anonymous = pods
+        .http
+        .get(&pods.pod(1).url("/peer/state"))
+        .await
+        .unwrap();
     assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
-    let metrics = pods.http.get(&pods.pod(1).url("/metrics")).await.unwrap().body;
-    assert!(metrics.contains("tally_peer_auth_failures_total 1"), "{metrics}");
+    let metrics = pods
+        .http
+        .get(&pods.pod(1).url("/metrics"))
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        metrics.contains("tally_peer_auth_failures_total 1"),
+        "{metrics}"
+    );
 }

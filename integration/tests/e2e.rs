@@ -20,7 +20,10 @@ use tally_integration::sim::{Cluster, ClusterOptions, cleanup, require_root};
 const PORT: u16 = 8080;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// Root, helm, nslookup and the tally binary, checked (and installed) once.
@@ -35,7 +38,10 @@ fn prerequisites() -> PathBuf {
                 .current_dir(root())
                 .status()
                 .expect("running bash");
-            assert!(status.success(), "installing helm/dnsutils through scripts/lib.sh failed");
+            assert!(
+                status.success(),
+                "installing helm/dnsutils through scripts/lib.sh failed"
+            );
             let tally = std::env::var_os("TALLY_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| root().join("target/debug/tally"));
@@ -68,7 +74,9 @@ fn fast(extra: &[&str]) -> Vec<String> {
         "auth.token=e2e-peer-token-0123456789abcdef",
     ];
     sets.extend_from_slice(extra);
-    sets.iter().flat_map(|s| ["--set".to_string(), s.to_string()]).collect()
+    sets.iter()
+        .flat_map(|s| ["--set".to_string(), s.to_string()])
+        .collect()
 }
 
 fn render(extra: &[&str]) -> String {
@@ -76,7 +84,12 @@ fn render(extra: &[&str]) -> String {
 }
 
 fn start(name: &str, manifests: String) -> Cluster {
-    let mut opts = ClusterOptions::new(name, env!("CARGO_BIN_EXE_tally-sim"), prerequisites(), manifests);
+    let mut opts = ClusterOptions::new(
+        name,
+        env!("CARGO_BIN_EXE_tally-sim"),
+        prerequisites(),
+        manifests,
+    );
     opts.dns_ttl = 1;
     opts.restart_backoff = Duration::from_secs(1);
     Cluster::start(&opts).unwrap_or_else(|e| panic!("{e:#}"))
@@ -85,7 +98,8 @@ fn start(name: &str, manifests: String) -> Cluster {
 fn up(name: &str, extra: &[&str]) -> Cluster {
     prerequisites();
     let c = start(name, render(extra));
-    c.wait_ready(Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e:#}"));
+    c.wait_ready(Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e:#}"));
     c
 }
 
@@ -94,13 +108,17 @@ fn json(body: &str) -> Value {
 }
 
 fn local_count(c: &Cluster, pod: &str) -> u64 {
-    let r = c.pod_get(pod, PORT, "/visits/local").unwrap_or_else(|e| panic!("{e:#}"));
+    let r = c
+        .pod_get(pod, PORT, "/visits/local")
+        .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(r.status, 200, "{pod} /visits/local: {}", r.body);
     json(&r.body)["count"].as_u64().expect("count")
 }
 
 fn total_of(c: &Cluster, pod: &str) -> Value {
-    let r = c.pod_get(pod, PORT, "/visits/total").unwrap_or_else(|e| panic!("{e:#}"));
+    let r = c
+        .pod_get(pod, PORT, "/visits/total")
+        .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(r.status, 200, "{pod} /visits/total: {}", r.body);
     json(&r.body)
 }
@@ -122,35 +140,53 @@ impl Sampler {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let status = c.status().expect("status");
         let ns = status.client_netns.clone();
-        let addr: std::net::SocketAddr = status.client_service.expect("client Service").parse().unwrap();
+        let addr: std::net::SocketAddr = status
+            .client_service
+            .expect("client Service")
+            .parse()
+            .unwrap();
         let (s2, st2) = (samples.clone(), stop.clone());
         let t0 = Instant::now();
         let handle = std::thread::spawn(move || {
             tally_integration::sim::net::enter(&ns).expect("enter client netns");
             while !st2.load(Ordering::Relaxed) {
-                if let Ok(r) = tally_integration::sim::net::http_get(addr, "/visits/total", Duration::from_secs(3)) {
-                    if r.status == 200 {
-                        if let Ok(v) = serde_json::from_str::<Value>(&r.body) {
-                            if let Some(total) = v["total"].as_u64() {
-                                // Who answered, and each pod's count and source.
-                                let who = v["pods"]
-                                    .as_array()
-                                    .map(|ps| {
-                                        ps.iter()
-                                            .map(|x| format!("{}={}({})", x["pod"].as_str().unwrap_or("?"), x["count"], x["source"].as_str().unwrap_or("?")))
-                                            .collect::<Vec<_>>()
-                                            .join(" ")
-                                    })
-                                    .unwrap_or_default();
-                                s2.lock().unwrap().push((t0.elapsed().as_secs_f64(), total, who));
-                            }
-                        }
-                    }
+                if let Ok(r) = tally_integration::sim::net::http_get(
+                    addr,
+                    "/visits/total",
+                    Duration::from_secs(3),
+                ) && r.status == 200
+                    && let Ok(v) = serde_json::from_str::<Value>(&r.body)
+                    && let Some(total) = v["total"].as_u64()
+                {
+                    // Who answered, and each pod's count and source.
+                    let who = v["pods"]
+                        .as_array()
+                        .map(|ps| {
+                            ps.iter()
+                                .map(|x| {
+                                    format!(
+                                        "{}={}({})",
+                                        x["pod"].as_str().unwrap_or("?"),
+                                        x["count"],
+                                        x["source"].as_str().unwrap_or("?")
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        })
+                        .unwrap_or_default();
+                    s2.lock()
+                        .unwrap()
+                        .push((t0.elapsed().as_secs_f64(), total, who));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-        Sampler { stop, samples, handle: Some(handle) }
+        Sampler {
+            stop,
+            samples,
+            handle: Some(handle),
+        }
     }
 
     /// Stops and asserts the total never went down; returns the samples.
@@ -158,7 +194,11 @@ impl Sampler {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.take().unwrap().join().expect("sampler thread");
         let samples = self.samples.lock().unwrap().clone();
-        assert!(samples.len() >= 5, "{what}: only {} samples of /visits/total", samples.len());
+        assert!(
+            samples.len() >= 5,
+            "{what}: only {} samples of /visits/total",
+            samples.len()
+        );
         for w in samples.windows(2) {
             assert!(
                 w[1].1 >= w[0].1,
@@ -190,7 +230,11 @@ impl Visitor {
         let acked = Arc::new(AtomicU64::new(0));
         let status = c.status().expect("status");
         let ns = status.client_netns.clone();
-        let addr: std::net::SocketAddr = status.client_service.expect("client Service").parse().unwrap();
+        let addr: std::net::SocketAddr = status
+            .client_service
+            .expect("client Service")
+            .parse()
+            .unwrap();
         let (a2, st2) = (acked.clone(), stop.clone());
         let errors = Arc::new(Mutex::new(Vec::new()));
         let e2 = errors.clone();
@@ -201,13 +245,22 @@ impl Visitor {
                     Ok(r) if r.status == 200 => {
                         a2.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(r) => e2.lock().unwrap().push(format!("HTTP {}: {}", r.status, r.body.trim())),
+                    Ok(r) => {
+                        e2.lock()
+                            .unwrap()
+                            .push(format!("HTTP {}: {}", r.status, r.body.trim()))
+                    }
                     Err(e) => e2.lock().unwrap().push(format!("{e:#}")),
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        Visitor { stop, acked, errors, handle: Some(handle) }
+        Visitor {
+            stop,
+            acked,
+            errors,
+            handle: Some(handle),
+        }
     }
 
     fn finish(mut self) -> u64 {
@@ -215,7 +268,11 @@ impl Visitor {
         self.handle.take().unwrap().join().expect("visitor thread");
         let errors = self.errors.lock().unwrap();
         if !errors.is_empty() {
-            println!("{} visits were not acknowledged; first ones: {:#?}", errors.len(), &errors[..errors.len().min(5)]);
+            println!(
+                "{} visits were not acknowledged; first ones: {:#?}",
+                errors.len(),
+                &errors[..errors.len().min(5)]
+            );
         }
         self.acked.load(Ordering::Relaxed)
     }
@@ -237,9 +294,21 @@ fn wait_total(c: &Cluster, pod: &str, expected: u64) -> Value {
                 .unwrap_or_default()
                 .iter()
                 .map(|claim| {
-                    let out = Command::new(prerequisites()).args(["visits", "--data-dir"]).arg(&claim.path).output();
-                    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-                    format!("{}: {}", claim.name, text.lines().filter(|l| l.contains("count")).collect::<Vec<_>>().join(" | "))
+                    let out = Command::new(prerequisites())
+                        .args(["visits", "--data-dir"])
+                        .arg(&claim.path)
+                        .output();
+                    let text = out
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default();
+                    format!(
+                        "{}: {}",
+                        claim.name,
+                        text.lines()
+                            .filter(|l| l.contains("count"))
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    )
                 })
                 .collect();
             panic!(
@@ -253,12 +322,26 @@ fn wait_total(c: &Cluster, pod: &str, expected: u64) -> Value {
 
 fn assert_clean(name: &str, state_dir: &Path, tracked: &tally_integration::sim::Tracked) {
     let left = cleanup::leftovers(name, state_dir, &tracked.pids, &tracked.inodes);
-    assert!(left.is_empty(), "cluster {name} left things behind:\n{}", left.join("\n"));
-    assert!(!tracked.pids.is_empty() && !tracked.inodes.is_empty(), "nothing was tracked, the check proves nothing");
+    assert!(
+        left.is_empty(),
+        "cluster {name} left things behind:\n{}",
+        left.join("\n")
+    );
+    assert!(
+        !tracked.pids.is_empty() && !tracked.inodes.is_empty(),
+        "nothing was tracked, the check proves nothing"
+    );
 }
 
 fn ip_of(c: &Cluster, pod: &str) -> String {
-    c.status().unwrap().pods.iter().find(|p| p.name == pod).expect("pod").ip.to_string()
+    c.status()
+        .unwrap()
+        .pods
+        .iter()
+        .find(|p| p.name == pod)
+        .expect("pod")
+        .ip
+        .to_string()
 }
 
 #[test]
@@ -270,37 +353,66 @@ fn three_replicas_visits_dns_peers_delete_and_liveness() {
     println!("{table}");
     assert!(table.contains("statefulset.apps/tally   3/3"), "{table}");
     for p in 0..3 {
-        assert!(table.contains(&format!("persistentvolumeclaim/data-tally-{p}")), "{table}");
+        assert!(
+            table.contains(&format!("persistentvolumeclaim/data-tally-{p}")),
+            "{table}"
+        );
     }
-    assert!(table.contains("service/tally-headless") && table.contains("service/tally "), "{table}");
+    assert!(
+        table.contains("service/tally-headless") && table.contains("service/tally "),
+        "{table}"
+    );
     assert_eq!(table.matches("1/1     Running").count(), 3, "{table}");
 
     // 300 visits through the client Service, spread over the pods.
     for i in 0..300 {
         assert!(visit(&c), "visit {i} through the client Service failed");
     }
-    let counts: BTreeMap<String, u64> = (0..3).map(|p| (format!("tally-{p}"), local_count(&c, &format!("tally-{p}")))).collect();
+    let counts: BTreeMap<String, u64> = (0..3)
+        .map(|p| (format!("tally-{p}"), local_count(&c, &format!("tally-{p}"))))
+        .collect();
     println!("per-pod counts after 300 visits: {counts:?}");
     assert_eq!(counts.values().sum::<u64>(), 300, "{counts:?}");
-    assert!(counts.values().all(|n| *n > 0 && *n < 300), "every pod must have served part of the visits: {counts:?}");
+    assert!(
+        counts.values().all(|n| *n > 0 && *n < 300),
+        "every pod must have served part of the visits: {counts:?}"
+    );
     for p in 0..3 {
         let v = wait_total(&c, &format!("tally-{p}"), 300);
         assert_eq!(v["members"], 3, "{v}");
     }
 
     // DNS from inside a pod: the old lab's lookup.
-    let out = c.exec("tally-0", &["nslookup", "tally-1.tally-headless"]).unwrap();
+    let out = c
+        .exec("tally-0", &["nslookup", "tally-1.tally-headless"])
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "nslookup failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains(&format!("Address: {}", ip_of(&c, "tally-1"))), "{text}");
+    assert!(
+        out.status.success(),
+        "nslookup failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("Address: {}", ip_of(&c, "tally-1"))),
+        "{text}"
+    );
 
     // `tally peers` lists every member.
     let out = c.exec("tally-0", &["tally", "peers"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
-    assert!(out.status.success(), "tally peers failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tally peers failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for p in 0..3 {
-        assert!(text.contains(&format!("tally-{p}.tally-headless.default.svc.cluster.local")), "{text}");
+        assert!(
+            text.contains(&format!(
+                "tally-{p}.tally-headless.default.svc.cluster.local"
+            )),
+            "{text}"
+        );
     }
 
     // Delete pod 0: it comes back with its count; the total never drops.
@@ -310,49 +422,106 @@ fn three_replicas_visits_dns_peers_delete_and_liveness() {
     let old_ip = ip_of(&c, "tally-0");
     c.delete_pod("tally-0").unwrap();
     c.wait_until("tally-0 to be replaced", Duration::from_secs(30), |s| {
-        s.pods.iter().any(|p| p.name == "tally-0" && p.ip.to_string() != old_ip)
+        s.pods
+            .iter()
+            .any(|p| p.name == "tally-0" && p.ip.to_string() != old_ip)
     })
     .unwrap();
     c.wait_ready(Duration::from_secs(60)).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let samples = sampler.finish("while tally-0 was deleted");
     assert!(samples.iter().all(|s| s.1 >= 300), "{samples:?}");
-    assert_eq!(local_count(&c, "tally-0"), before, "tally-0 lost visits across deletion");
+    assert_eq!(
+        local_count(&c, "tally-0"),
+        before,
+        "tally-0 lost visits across deletion"
+    );
 
     // SIGSTOP pod 2: not Ready -> out of the Service; liveness restarts it.
-    let pid = c.status().unwrap().pods.iter().find(|p| p.name == "tally-2").unwrap().pid.unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let ip2 = ip_of(&c, "tally-2");
-    c.wait_until("tally-2 to become not Ready", Duration::from_secs(20), |s| {
-        s.pods.iter().any(|p| p.name == "tally-2" && !p.ready)
-            && s.services.iter().find(|x| x.name == "tally").is_some_and(|x| !x.ready_endpoints.iter().any(|e| e.starts_with(&format!("{ip2}:"))))
-    })
+    let pid = c
+        .status()
+        .unwrap()
+        .pods
+        .iter()
+        .find(|p| p.name == "tally-2")
+        .unwrap()
+        .pid
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
     .unwrap();
-    let still_stopped = c.status().unwrap().pods.iter().find(|p| p.name == "tally-2").unwrap().restarts == 0;
+    let ip2 = ip_of(&c, "tally-2");
+    c.wait_until(
+        "tally-2 to become not Ready",
+        Duration::from_secs(20),
+        |s| {
+            s.pods.iter().any(|p| p.name == "tally-2" && !p.ready)
+                && s.services
+                    .iter()
+                    .find(|x| x.name == "tally")
+                    .is_some_and(|x| {
+                        !x.ready_endpoints
+                            .iter()
+                            .any(|e| e.starts_with(&format!("{ip2}:")))
+                    })
+        },
+    )
+    .unwrap();
+    let still_stopped = c
+        .status()
+        .unwrap()
+        .pods
+        .iter()
+        .find(|p| p.name == "tally-2")
+        .unwrap()
+        .restarts
+        == 0;
     if still_stopped {
         for _ in 0..20 {
             let r = c.curl("/visits/local").unwrap();
             assert_eq!(r.status, 200);
-            assert_ne!(json(&r.body)["pod"], "tally-2", "a not-Ready pod answered through the client Service");
+            assert_ne!(
+                json(&r.body)["pod"],
+                "tally-2",
+                "a not-Ready pod answered through the client Service"
+            );
         }
     }
-    c.wait_until("tally-2 to be restarted by its liveness probe and Ready", Duration::from_secs(40), |s| {
-        s.pods.iter().any(|p| p.name == "tally-2" && p.restarts == 1 && p.ready && p.pid != Some(pid))
-    })
+    c.wait_until(
+        "tally-2 to be restarted by its liveness probe and Ready",
+        Duration::from_secs(40),
+        |s| {
+            s.pods
+                .iter()
+                .any(|p| p.name == "tally-2" && p.restarts == 1 && p.ready && p.pid != Some(pid))
+        },
+    )
     .unwrap();
     let events = c.events().unwrap();
     assert!(
-        events.iter().any(|e| e.object == "pod/tally-2" && e.reason == "Killing" && e.message.contains("liveness")),
+        events.iter().any(|e| e.object == "pod/tally-2"
+            && e.reason == "Killing"
+            && e.message.contains("liveness")),
         "no liveness kill event for tally-2"
     );
-    assert!(c.get().unwrap().lines().any(|l| l.starts_with("pod/tally-2") && l.split_whitespace().nth(3) == Some("1")));
+    assert!(
+        c.get()
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("pod/tally-2") && l.split_whitespace().nth(3) == Some("1"))
+    );
 
     // Down leaves nothing behind.
     let tracked = c.tracker().lock().unwrap().clone();
     let state_dir = c.state_dir.clone();
     c.down().unwrap();
     assert_clean("e2e-main", &state_dir, &tracked);
-    println!("three_replicas_visits_dns_peers_delete_and_liveness: {:.1}s", t0.elapsed().as_secs_f64());
+    println!(
+        "three_replicas_visits_dns_peers_delete_and_liveness: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -364,13 +533,20 @@ fn service_name_without_headless_service_is_nxdomain() {
     m.stateful_set_mut().spec.service_name = Some("tally-nowhere".into());
     let c = start("e2e-nxdomain", m.to_yaml().unwrap());
     c.wait_ready(Duration::from_secs(90)).unwrap();
-    let out = c.exec("tally-0", &["nslookup", "tally-1.tally-headless"]).unwrap();
+    let out = c
+        .exec("tally-0", &["nslookup", "tally-1.tally-headless"])
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "the lookup should fail: {text}");
     assert!(text.contains("NXDOMAIN"), "{text}");
-    let out = c.exec("tally-0", &["nslookup", "tally-1.tally-nowhere"]).unwrap();
+    let out = c
+        .exec("tally-0", &["nslookup", "tally-1.tally-nowhere"])
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("NXDOMAIN"));
-    println!("service_name_without_headless_service_is_nxdomain: {:.1}s", t0.elapsed().as_secs_f64());
+    println!(
+        "service_name_without_headless_service_is_nxdomain: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 fn first(events: &[tally_integration::sim::Event], object: &str, reason: &str) -> f64 {
@@ -387,9 +563,16 @@ fn parallel_starts_together_ordered_ready_one_by_one() {
     let t0 = Instant::now();
     let par = up("e2e-parallel", &["podManagementPolicy=Parallel"]);
     let ev = par.events().unwrap();
-    let last_scheduled = (0..3).map(|p| first(&ev, &format!("pod/tally-{p}"), "Scheduled")).fold(0.0, f64::max);
-    let first_ready = (0..3).map(|p| first(&ev, &format!("pod/tally-{p}"), "Ready")).fold(f64::MAX, f64::min);
-    assert!(last_scheduled < first_ready, "Parallel: all pods should start before any is Ready: {ev:?}");
+    let last_scheduled = (0..3)
+        .map(|p| first(&ev, &format!("pod/tally-{p}"), "Scheduled"))
+        .fold(0.0, f64::max);
+    let first_ready = (0..3)
+        .map(|p| first(&ev, &format!("pod/tally-{p}"), "Ready"))
+        .fold(f64::MAX, f64::min);
+    assert!(
+        last_scheduled < first_ready,
+        "Parallel: all pods should start before any is Ready: {ev:?}"
+    );
     drop(par);
 
     let ord = up("e2e-ordered", &["podManagementPolicy=OrderedReady"]);
@@ -397,16 +580,34 @@ fn parallel_starts_together_ordered_ready_one_by_one() {
     for p in 0..2 {
         let ready = first(&ev, &format!("pod/tally-{p}"), "Ready");
         let next = first(&ev, &format!("pod/tally-{}", p + 1), "Scheduled");
-        assert!(ready <= next, "OrderedReady: tally-{} started ({next:.2}s) before tally-{p} was Ready ({ready:.2}s)", p + 1);
+        assert!(
+            ready <= next,
+            "OrderedReady: tally-{} started ({next:.2}s) before tally-{p} was Ready ({ready:.2}s)",
+            p + 1
+        );
     }
     // Scale down goes from the highest ordinal, one at a time.
     ord.scale(1).unwrap();
-    ord.wait_until("scale to 1", Duration::from_secs(60), |s| s.pods.len() == 1 && s.ready_replicas == 1).unwrap();
+    ord.wait_until("scale to 1", Duration::from_secs(60), |s| {
+        s.pods.len() == 1 && s.ready_replicas == 1
+    })
+    .unwrap();
     let ev = ord.events().unwrap();
     let del2 = first(&ev, "pod/tally-2", "Deleted");
-    let kill1 = ev.iter().rev().find(|e| e.object == "pod/tally-1" && e.reason == "Killing").unwrap().t;
-    assert!(del2 <= kill1, "OrderedReady scale-down must remove tally-2 before touching tally-1");
-    println!("parallel_starts_together_ordered_ready_one_by_one: {:.1}s", t0.elapsed().as_secs_f64());
+    let kill1 = ev
+        .iter()
+        .rev()
+        .find(|e| e.object == "pod/tally-1" && e.reason == "Killing")
+        .unwrap()
+        .t;
+    assert!(
+        del2 <= kill1,
+        "OrderedReady scale-down must remove tally-2 before touching tally-1"
+    );
+    println!(
+        "parallel_starts_together_ordered_ready_one_by_one: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -419,23 +620,46 @@ fn rolling_update_with_partition_canary_then_rest() {
     std::thread::sleep(Duration::from_secs(1));
 
     // Canary: a template change with partition 2 replaces only tally-2.
-    let msg = c.apply(&render(&["podAnnotations.rollout=canary", "updateStrategy.rollingUpdate.partition=2"])).unwrap();
+    let msg = c
+        .apply(&render(&[
+            "podAnnotations.rollout=canary",
+            "updateStrategy.rollingUpdate.partition=2",
+        ]))
+        .unwrap();
     println!("upgrade: {msg}");
     let s = c
-        .wait_until("tally-2 at the new revision", Duration::from_secs(60), |s| {
-            s.pods.iter().any(|p| p.name == "tally-2" && p.revision == s.update_revision && p.ready)
-        })
+        .wait_until(
+            "tally-2 at the new revision",
+            Duration::from_secs(60),
+            |s| {
+                s.pods
+                    .iter()
+                    .any(|p| p.name == "tally-2" && p.revision == s.update_revision && p.ready)
+            },
+        )
         .unwrap();
     assert_ne!(s.update_revision, old_rev);
     std::thread::sleep(Duration::from_secs(3));
     let s = c.status().unwrap();
     for p in &s.pods {
-        let expected = if p.ordinal == 2 { &s.update_revision } else { &old_rev };
-        assert_eq!(&p.revision, expected, "partition 2 must leave {} alone", p.name);
+        let expected = if p.ordinal == 2 {
+            &s.update_revision
+        } else {
+            &old_rev
+        };
+        assert_eq!(
+            &p.revision, expected,
+            "partition 2 must leave {} alone",
+            p.name
+        );
     }
 
     // Partition 0: the rest, highest ordinal first.
-    c.apply(&render(&["podAnnotations.rollout=canary", "updateStrategy.rollingUpdate.partition=0"])).unwrap();
+    c.apply(&render(&[
+        "podAnnotations.rollout=canary",
+        "updateStrategy.rollingUpdate.partition=0",
+    ]))
+    .unwrap();
     c.wait_ready(Duration::from_secs(90)).unwrap();
     let ev = c.events().unwrap();
     let replaced: Vec<&str> = ev
@@ -443,14 +667,25 @@ fn rolling_update_with_partition_canary_then_rest() {
         .filter(|e| e.reason == "RollingUpdate")
         .map(|e| e.message.split_whitespace().nth(1).unwrap_or(""))
         .collect();
-    assert_eq!(replaced, ["tally-2", "tally-1", "tally-0"], "rolling update order");
+    assert_eq!(
+        replaced,
+        ["tally-2", "tally-1", "tally-0"],
+        "rolling update order"
+    );
 
     let acked = visitor.finish();
     std::thread::sleep(Duration::from_millis(500));
     let samples = sampler.finish("during the rolling update");
-    println!("rollout: {acked} visits acknowledged, {} samples, last total {}", samples.len(), samples.last().unwrap().1);
+    println!(
+        "rollout: {acked} visits acknowledged, {} samples, last total {}",
+        samples.len(),
+        samples.last().unwrap().1
+    );
     wait_total(&c, "tally-0", acked);
-    println!("rolling_update_with_partition_canary_then_rest: {:.1}s", t0.elapsed().as_secs_f64());
+    println!(
+        "rolling_update_with_partition_canary_then_rest: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -469,22 +704,40 @@ fn scale_3_5_2_while_visiting_keeps_the_total() {
     let acked = visitor.finish();
     std::thread::sleep(Duration::from_millis(500));
     let samples = sampler.finish("while scaling 3 -> 5 -> 2");
-    println!("scale: {acked} visits acknowledged, {} samples", samples.len());
-    assert!(acked > 50, "too few visits acknowledged ({acked}) to mean anything");
-    let claims: HashSet<String> = c.status().unwrap().claims.iter().map(|c| c.name.clone()).collect();
+    println!(
+        "scale: {acked} visits acknowledged, {} samples",
+        samples.len()
+    );
+    assert!(
+        acked > 50,
+        "too few visits acknowledged ({acked}) to mean anything"
+    );
+    let claims: HashSet<String> = c
+        .status()
+        .unwrap()
+        .claims
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
     assert_eq!(claims.len(), 5, "claims survive scale-down: {claims:?}");
     for pod in ["tally-0", "tally-1"] {
         let v = wait_total(&c, pod, acked);
         assert_eq!(v["members"], 2, "{v}");
     }
-    println!("scale_3_5_2_while_visiting_keeps_the_total: {:.1}s", t0.elapsed().as_secs_f64());
+    println!(
+        "scale_3_5_2_while_visiting_keeps_the_total: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
 }
+
+/// A cluster's state directory and what it was seen to own.
+type Seen = (PathBuf, Arc<Mutex<tally_integration::sim::Tracked>>);
 
 #[test]
 fn a_failed_test_leaves_nothing_behind() {
     prerequisites();
     let manifests = render(&["replicaCount=1"]);
-    let tracked: Arc<Mutex<Option<(PathBuf, Arc<Mutex<tally_integration::sim::Tracked>>)>>> = Arc::default();
+    let tracked: Arc<Mutex<Option<Seen>>> = Arc::default();
     let t2 = tracked.clone();
     let result = std::panic::catch_unwind(move || {
         let c = start("e2e-panic", manifests);

@@ -24,7 +24,14 @@ async fn local_count(http: &Http, tally: &Tally) -> u64 {
 }
 
 /// `clients` tasks each sending GET / until `stop`; returns (sent, 2xx).
-fn hammer(addr: std::net::SocketAddr, clients: usize) -> (Arc<AtomicU64>, Arc<AtomicU64>, Vec<tokio::task::JoinHandle<()>>) {
+fn hammer(
+    addr: std::net::SocketAddr,
+    clients: usize,
+) -> (
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
     let sent = Arc::new(AtomicU64::new(0));
     let ok = Arc::new(AtomicU64::new(0));
     let tasks = (0..clients)
@@ -114,7 +121,10 @@ async fn restart_keeps_count_and_incarnation_and_a_new_directory_is_a_new_incarn
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.status.success(), "{text}");
     assert!(text.contains("count           7"), "{text}");
-    assert!(text.contains(before["incarnation"].as_str().unwrap()), "{text}");
+    assert!(
+        text.contains(before["incarnation"].as_str().unwrap()),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -148,10 +158,13 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_visit() {
     assert!(ok_total > 100, "the load was real: {ok_total} acknowledged");
 }
 
+/// Ruins a state file's bytes in place.
+type Damage = fn(&mut Vec<u8>);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn damaged_state_file_stops_startup_and_is_left_untouched() {
     let http = Http::new();
-    let damages: &[(&str, fn(&mut Vec<u8>))] = &[
+    let damages: &[(&str, Damage)] = &[
         ("truncated", |b| b.truncate(b.len() - 4)),
         ("flipped byte", |b| {
             let i = b.len() - 2;
@@ -176,9 +189,16 @@ async fn damaged_state_file_stops_startup_and_is_left_untouched() {
         let out = options.run();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: started anyway");
-        assert!(stderr.contains(&path.display().to_string()), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()),
+            "{name}: {stderr}"
+        );
         assert!(stderr.contains("corrupt"), "{name}: {stderr}");
-        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name}: file was changed");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "{name}: file was changed"
+        );
     }
 }
 
@@ -192,7 +212,16 @@ impl Tmpfs {
             "this test mounts a tmpfs to fill or freeze a volume: run it as root"
         );
         let dir = tempfile::tempdir().unwrap();
-        mount(&["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"], dir.path());
+        mount(
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ],
+            dir.path(),
+        );
         Tmpfs(dir)
     }
 
@@ -206,8 +235,16 @@ impl Tmpfs {
 }
 
 fn mount(args: &[&str], target: &Path) {
-    let status = Command::new("mount").args(args).arg(target).status().unwrap();
-    assert!(status.success(), "mount {args:?} {} failed", target.display());
+    let status = Command::new("mount")
+        .args(args)
+        .arg(target)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "mount {args:?} {} failed",
+        target.display()
+    );
 }
 
 impl Drop for Tmpfs {
@@ -223,7 +260,11 @@ async fn until_ready(http: &Http, tally: &Tally) -> Duration {
         if reply.status == StatusCode::OK {
             return started.elapsed();
         }
-        assert!(started.elapsed() < Duration::from_secs(15), "never ready again: {}", reply.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never ready again: {}",
+            reply.body
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -247,11 +288,19 @@ async fn read_only_volume_answers_503_then_recovers_without_loss() {
     let http = Http::new();
     let tally = Tally::start(&TallyOptions::new(volume.path())).unwrap();
     for _ in 0..5 {
-        assert_eq!(http.get(&tally.url("/")).await.unwrap().status, StatusCode::OK);
+        assert_eq!(
+            http.get(&tally.url("/")).await.unwrap().status,
+            StatusCode::OK
+        );
     }
     volume.remount("ro");
     let reply = http.get(&tally.url("/")).await.unwrap();
-    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.body);
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.body
+    );
     let ready = http.get(&tally.url("/readyz")).await.unwrap();
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(ready.body.contains("Read-only"), "{}", ready.body);
@@ -259,9 +308,17 @@ async fn read_only_volume_answers_503_then_recovers_without_loss() {
 
     volume.remount("rw");
     until_ready(&http, &tally).await;
-    assert_eq!(http.get(&tally.url("/")).await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        http.get(&tally.url("/")).await.unwrap().status,
+        StatusCode::OK
+    );
     assert_eq!(local_count(&http, &tally).await, 6);
-    assert!(tally.logs().iter().any(|l| l.contains("store write failed")));
+    assert!(
+        tally
+            .logs()
+            .iter()
+            .any(|l| l.contains("store write failed"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -283,17 +340,29 @@ async fn full_volume_answers_503_then_recovers_without_loss() {
 
     let acked = 3 + visit_until_refused(&http, &tally).await;
     let ready = http.get(&tally.url("/readyz")).await.unwrap();
-    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.body);
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.body
+    );
     assert!(ready.body.contains("No space left"), "{}", ready.body);
     assert_eq!(local_count(&http, &tally).await, acked);
 
     std::fs::remove_file(&filler).unwrap();
     until_ready(&http, &tally).await;
-    assert_eq!(http.get(&tally.url("/")).await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        http.get(&tally.url("/")).await.unwrap().status,
+        StatusCode::OK
+    );
     assert_eq!(local_count(&http, &tally).await, acked + 1);
     tally.terminate(Duration::from_secs(10)).unwrap();
     let tally = Tally::start(&options).unwrap();
-    assert_eq!(local_count(&http, &tally).await, acked + 1, "survives a restart");
+    assert_eq!(
+        local_count(&http, &tally).await,
+        acked + 1,
+        "survives a restart"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -302,37 +371,77 @@ async fn only_get_root_counts_and_errors_are_clear() {
     let tally = Tally::start(&TallyOptions::new(dir.path())).unwrap();
     let http = Http::new();
     for path in [
-        "/healthz", "/health", "/readyz", "/favicon.ico", "/metrics", "/visits/local",
-        "/visits", "/visits/total", "/peer/state", "/visits/local?format=text",
+        "/healthz",
+        "/health",
+        "/readyz",
+        "/favicon.ico",
+        "/metrics",
+        "/visits/local",
+        "/visits",
+        "/visits/total",
+        "/peer/state",
+        "/visits/local?format=text",
     ] {
         let reply = http.get(&tally.url(path)).await.unwrap();
         assert!(reply.status.is_success(), "{path}: {}", reply.status);
     }
-    let head = http.request(Method::HEAD, &tally.url("/"), &[]).await.unwrap();
+    let head = http
+        .request(Method::HEAD, &tally.url("/"), &[])
+        .await
+        .unwrap();
     assert_eq!(head.status, StatusCode::OK);
-    assert_eq!(local_count(&http, &tally).await, 0, "nothing but GET / counts");
+    assert_eq!(
+        local_count(&http, &tally).await,
+        0,
+        "nothing but GET / counts"
+    );
 
     let missing = http.get(&tally.url("/nope")).await.unwrap();
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert!(!missing.body.is_empty());
-    let post = http.request(Method::POST, &tally.url("/visits/local"), &[]).await.unwrap();
+    let post = http
+        .request(Method::POST, &tally.url("/visits/local"), &[])
+        .await
+        .unwrap();
     assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(post.headers["allow"].to_str().unwrap().contains("GET"));
     assert!(!post.body.is_empty());
-    let bad_format = http.get(&tally.url("/visits/total?format=xml")).await.unwrap();
+    let bad_format = http
+        .get(&tally.url("/visits/total?format=xml"))
+        .await
+        .unwrap();
     assert_eq!(bad_format.status, StatusCode::BAD_REQUEST);
-    assert!(bad_format.body.contains("format=text"), "{}", bad_format.body);
+    assert!(
+        bad_format.body.contains("format=text"),
+        "{}",
+        bad_format.body
+    );
 
     let page = http.get(&tally.url("/")).await.unwrap();
-    assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(
+        page.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     assert!(page.body.contains("tally-0") && page.body.contains("UTC"));
     let json = http
-        .request(Method::GET, &tally.url("/"), &[("accept", "application/json")])
+        .request(
+            Method::GET,
+            &tally.url("/"),
+            &[("accept", "application/json")],
+        )
         .await
         .unwrap()
         .json();
     assert_eq!(json["count"], 2);
-    assert_eq!(http.get(&tally.url("/visits?format=text")).await.unwrap().body, "2\n");
+    assert_eq!(
+        http.get(&tally.url("/visits?format=text"))
+            .await
+            .unwrap()
+            .body,
+        "2\n"
+    );
     let total = http.get(&tally.url("/visits/total")).await.unwrap().json();
     assert_eq!(total["total"], 2);
     assert_eq!(total["complete"], true);
@@ -342,7 +451,9 @@ async fn only_get_root_counts_and_errors_are_clear() {
 
 fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     stream.write_all(request).unwrap();
     let mut out = String::new();
     let _ = stream.read_to_string(&mut out);
@@ -352,16 +463,21 @@ fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_edge_refuses_bodies_huge_headers_and_slow_clients() {
     let dir = tempfile::tempdir().unwrap();
-    let tally = Tally::start(
-        &TallyOptions::new(dir.path()).env("TALLY_HEADER_READ_TIMEOUT_MS", 300),
-    )
-    .unwrap();
+    let tally =
+        Tally::start(&TallyOptions::new(dir.path()).env("TALLY_HEADER_READ_TIMEOUT_MS", 300))
+            .unwrap();
     let addr = tally.addr;
     let body = tokio::task::spawn_blocking(move || {
-        raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+        raw(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        )
     });
     assert!(body.await.unwrap().starts_with("HTTP/1.1 413"));
-    let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
     let big = tokio::task::spawn_blocking(move || raw(addr, huge.as_bytes()));
     assert!(big.await.unwrap().starts_with("HTTP/1.1 431"));
     // Slowloris: half a request head, then nothing. The server must hang up.
@@ -373,7 +489,11 @@ async fn the_edge_refuses_bodies_huge_headers_and_slow_clients() {
     let (reply, took) = slow.await.unwrap();
     assert!(took < Duration::from_secs(5), "held for {took:?}: {reply}");
     let http = Http::new();
-    assert_eq!(local_count(&http, &tally).await, 0, "refused requests are not visits");
+    assert_eq!(
+        local_count(&http, &tally).await,
+        0,
+        "refused requests are not visits"
+    );
 }
 
 fn check_config(env: &[(&str, &str)], args: &[&str], file: Option<&str>) -> (i32, String, String) {
@@ -407,33 +527,66 @@ fn line<'a>(out: &'a str, key: &str) -> &'a str {
 #[test]
 fn config_precedence_is_flag_env_file_default_and_bad_input_exits_64() {
     let file = r#"{"listen":"127.0.0.1:3","timezone":"Europe/Paris","peer_timeout_ms":50}"#;
-    let env = [("TALLY_LISTEN", "127.0.0.1:2"), ("TALLY_TIMEZONE", "Asia/Tokyo")];
+    let env = [
+        ("TALLY_LISTEN", "127.0.0.1:2"),
+        ("TALLY_TIMEZONE", "Asia/Tokyo"),
+    ];
     let (code, out, err) = check_config(&env, &["--listen", "127.0.0.1:1"], Some(file));
     assert_eq!(code, 0, "{err}");
-    assert!(line(&out, "listen").contains("127.0.0.1:1") && line(&out, "listen").contains("flag --listen"));
-    assert!(line(&out, "timezone").contains("Asia/Tokyo") && line(&out, "timezone").contains("TALLY_TIMEZONE"));
-    assert!(line(&out, "peer_timeout_ms").contains("50") && line(&out, "peer_timeout_ms").contains("config file"));
-    assert!(line(&out, "durability").contains("group-commit") && line(&out, "durability").contains("default"));
+    assert!(
+        line(&out, "listen").contains("127.0.0.1:1")
+            && line(&out, "listen").contains("flag --listen")
+    );
+    assert!(
+        line(&out, "timezone").contains("Asia/Tokyo")
+            && line(&out, "timezone").contains("TALLY_TIMEZONE")
+    );
+    assert!(
+        line(&out, "peer_timeout_ms").contains("50")
+            && line(&out, "peer_timeout_ms").contains("config file")
+    );
+    assert!(
+        line(&out, "durability").contains("group-commit")
+            && line(&out, "durability").contains("default")
+    );
 
     let (code, _, err) = check_config(&[], &[], Some(r#"{"timezon":"UTC"}"#));
     assert_eq!(code, 64, "{err}");
-    assert!(err.contains("`timezon`") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("`timezon`") && err.contains("config.json"),
+        "{err}"
+    );
 
     let (code, _, err) = check_config(&[("TALLY_FANOUT_DEADLINE_MS", "-5")], &[], None);
     assert_eq!(code, 64, "{err}");
-    assert!(err.contains("`fanout_deadline_ms`") && err.contains("TALLY_FANOUT_DEADLINE_MS"), "{err}");
+    assert!(
+        err.contains("`fanout_deadline_ms`") && err.contains("TALLY_FANOUT_DEADLINE_MS"),
+        "{err}"
+    );
 
     let (code, _, err) = check_config(&[], &["--durability", "sometimes"], None);
     assert_eq!(code, 64, "{err}");
-    assert!(err.contains("`durability`") && err.contains("--durability"), "{err}");
+    assert!(
+        err.contains("`durability`") && err.contains("--durability"),
+        "{err}"
+    );
 
-    let (code, _, err) = check_config(&[("POD_NAME", "web"), ("TALLY_PEERS_SERVICE", "web-headless")], &[], None);
+    let (code, _, err) = check_config(
+        &[("POD_NAME", "web"), ("TALLY_PEERS_SERVICE", "web-headless")],
+        &[],
+        None,
+    );
     assert_eq!(code, 64, "{err}");
-    assert!(err.contains("\"web\"") && err.contains("-<ordinal>"), "{err}");
+    assert!(
+        err.contains("\"web\"") && err.contains("-<ordinal>"),
+        "{err}"
+    );
 
     // serve refuses the same way, before binding anything.
     let dir = tempfile::tempdir().unwrap();
-    let out = TallyOptions::new(dir.path()).env("TALLY_TIMEZONE", "Nowhere/Land").run();
+    let out = TallyOptions::new(dir.path())
+        .env("TALLY_TIMEZONE", "Nowhere/Land")
+        .run();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`timezone`"));
 }

@@ -113,7 +113,11 @@ fn wants_text(param: &FormatParam) -> Result<bool, ApiError> {
 
 fn number_or_json(text: bool, n: u64, json: serde_json::Value) -> Response {
     if text {
-        ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{n}\n")).into_response()
+        (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{n}\n"),
+        )
+            .into_response()
     } else {
         axum::Json(json).into_response()
     }
@@ -253,7 +257,10 @@ async fn explain_405(request: Request, next: Next) -> Response {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, Body::from("method not allowed: see the Allow header\n"))
+    Response::from_parts(
+        parts,
+        Body::from("method not allowed: see the Allow header\n"),
+    )
 }
 
 /// Records the request duration by matched route and status.

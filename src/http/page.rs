@@ -21,7 +21,11 @@ impl Page<'_> {
     /// The local time as shown, e.g. `2026-11-21 06:01:02 CET (Europe/Paris)`.
     pub fn local_time(&self) -> String {
         let zoned = self.now.to_zoned(self.timezone.1.clone());
-        format!("{} ({})", zoned.strftime("%Y-%m-%d %H:%M:%S %Z"), self.timezone.0)
+        format!(
+            "{} ({})",
+            zoned.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            self.timezone.0
+        )
     }
 
     pub fn render(&self) -> String {
@@ -88,7 +92,10 @@ mod tests {
 
     #[test]
     fn time_is_shown_in_the_configured_zone() {
-        let tz = ("Asia/Tokyo".to_string(), TimeZone::get("Asia/Tokyo").unwrap());
+        let tz = (
+            "Asia/Tokyo".to_string(),
+            TimeZone::get("Asia/Tokyo").unwrap(),
+        );
         let view = TotalView {
             total: 7,
             complete: true,
@@ -106,6 +113,10 @@ mod tests {
         };
         assert_eq!(page.local_time(), "2026-01-01 09:00:00 JST (Asia/Tokyo)");
         let html = page.render();
-        assert!(html.contains("tally-&lt;0&gt;") && !html.contains("http://") && !html.contains("https://"));
+        assert!(
+            html.contains("tally-&lt;0&gt;")
+                && !html.contains("http://")
+                && !html.contains("https://")
+        );
     }
 }

@@ -78,7 +78,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    tracing::info!(grace_s = limits.grace.as_secs_f64(), "shutting down: no new connections, draining in-flight requests");
+    tracing::info!(
+        grace_s = limits.grace.as_secs_f64(),
+        "shutting down: no new connections, draining in-flight requests"
+    );
     tokio::select! {
         () = graceful.shutdown() => true,
         () = tokio::time::sleep(limits.grace) => {

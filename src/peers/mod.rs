@@ -79,7 +79,10 @@ pub struct Limits {
 /// How one member fared in a round.
 #[derive(Debug, Clone)]
 enum Outcome {
-    Live { incarnation: String, latency: Duration },
+    Live {
+        incarnation: String,
+        latency: Duration,
+    },
     Failed(String),
 }
 
@@ -151,7 +154,11 @@ impl Cluster {
                 peers_file,
             }),
         };
-        cluster.inner.metrics.total.set(cluster.cached_total().total as i64);
+        cluster
+            .inner
+            .metrics
+            .total
+            .set(cluster.cached_total().total as i64);
         Ok(cluster)
     }
 
@@ -159,15 +166,17 @@ impl Cluster {
     /// Both stop when the returned handle is dropped or aborted.
     pub fn spawn_background(&self, refresh: Option<Duration>) -> Background {
         let persister = tokio::spawn(self.clone().persist_forever());
-        let refresher = refresh.filter(|_| self.inner.discovery.is_some()).map(|every| {
-            let cluster = self.clone();
-            tokio::spawn(async move {
-                loop {
-                    cluster.round().await;
-                    tokio::time::sleep(every).await;
-                }
-            })
-        });
+        let refresher = refresh
+            .filter(|_| self.inner.discovery.is_some())
+            .map(|every| {
+                let cluster = self.clone();
+                tokio::spawn(async move {
+                    loop {
+                        cluster.round().await;
+                        tokio::time::sleep(every).await;
+                    }
+                })
+            });
         Background {
             tasks: std::iter::once(persister).chain(refresher).collect(),
         }
@@ -201,13 +210,21 @@ impl Cluster {
 
     /// Writes `peers.state` now (at shutdown).
     pub async fn persist(&self) {
-        let entries: Vec<Entry> = self.inner.counter.lock().expect("poisoned").entries().collect();
+        let entries: Vec<Entry> = self
+            .inner
+            .counter
+            .lock()
+            .expect("poisoned")
+            .entries()
+            .collect();
         let inner = self.inner.clone();
         let body = serde_json::to_vec(&StoredPeers { entries }).expect("serialises");
         let result = tokio::task::spawn_blocking(move || inner.peers_file.write(&body, true)).await;
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::error!(file = PEERS_FILE, %error, "cannot persist the peer view"),
+            Ok(Err(error)) => {
+                tracing::error!(file = PEERS_FILE, %error, "cannot persist the peer view")
+            }
             Err(error) => tracing::error!(%error, "peer persister panicked"),
         }
     }
@@ -332,7 +349,9 @@ impl Cluster {
             self.inner.changed.notify_one();
         }
         let metrics = &self.inner.metrics;
-        metrics.fanout_duration.observe(started.elapsed().as_secs_f64());
+        metrics
+            .fanout_duration
+            .observe(started.elapsed().as_secs_f64());
         metrics.members.set(members.peers.len() as i64);
         Round {
             members: members.peers,
@@ -358,23 +377,34 @@ impl Cluster {
         for entry in counter.entries().filter(|e| e.key() != my_key) {
             let is_member = round.members.iter().any(|p| p.pod == entry.pod);
             let (source, latency_ms, error) = match round.outcomes.get(&entry.pod) {
-                Some(Outcome::Live { incarnation, latency }) if *incarnation == entry.incarnation => {
+                Some(Outcome::Live {
+                    incarnation,
+                    latency,
+                }) if *incarnation == entry.incarnation => {
                     (Source::Live, Some(latency.as_secs_f64() * 1000.0), None)
                 }
                 Some(Outcome::Live { incarnation, .. }) => (
                     Source::Cached,
                     None,
-                    Some(format!("an earlier volume; {} now runs incarnation {incarnation}", entry.pod)),
+                    Some(format!(
+                        "an earlier volume; {} now runs incarnation {incarnation}",
+                        entry.pod
+                    )),
                 ),
                 Some(Outcome::Failed(error)) => (Source::Cached, None, Some(error.clone())),
                 None if entry.pod == me.pod => (
                     Source::Cached,
                     None,
-                    Some(format!("an earlier volume; this pod now runs incarnation {}", me.incarnation)),
+                    Some(format!(
+                        "an earlier volume; this pod now runs incarnation {}",
+                        me.incarnation
+                    )),
                 ),
-                None if self.inner.discovery.is_some() && !is_member => {
-                    (Source::Cached, None, Some("not a current member".to_string()))
-                }
+                None if self.inner.discovery.is_some() && !is_member => (
+                    Source::Cached,
+                    None,
+                    Some("not a current member".to_string()),
+                ),
                 None => (Source::Cached, None, None),
             };
             pods.push(PodView {
@@ -391,17 +421,18 @@ impl Cluster {
         let own_known = counter.get(&my_key).map_or(0, |k| k.count);
         let total = counter.total() - own_known + me.count.max(own_known);
         drop(counter);
-        let (members, complete) = match &self.inner.discovery {
-            None => (1, true),
-            Some(_) => (
-                round.members.len(),
-                round.discovery_error.is_none()
-                    && round.members.iter().any(|p| p.pod == me.pod)
-                    && round.members.iter().filter(|p| p.pod != me.pod).all(|p| {
-                        matches!(round.outcomes.get(&p.pod), Some(Outcome::Live { .. }))
-                    }),
-            ),
-        };
+        let (members, complete) =
+            match &self.inner.discovery {
+                None => (1, true),
+                Some(_) => (
+                    round.members.len(),
+                    round.discovery_error.is_none()
+                        && round.members.iter().any(|p| p.pod == me.pod)
+                        && round.members.iter().filter(|p| p.pod != me.pod).all(|p| {
+                            matches!(round.outcomes.get(&p.pod), Some(Outcome::Live { .. }))
+                        }),
+                ),
+            };
         self.inner.metrics.total.set(total as i64);
         TotalView {
             total,
@@ -414,7 +445,12 @@ impl Cluster {
 }
 
 /// Strict checks on a sibling's answer before any of it is merged.
-fn accept(counter: &Counter, peer: &Peer, state: PeerState, me: &Entry) -> Result<PeerState, FetchError> {
+fn accept(
+    counter: &Counter,
+    peer: &Peer,
+    state: PeerState,
+    me: &Entry,
+) -> Result<PeerState, FetchError> {
     if state.pod != peer.pod {
         return Err(FetchError::Invalid(format!(
             "{} at {} answered as {:?}",

@@ -194,7 +194,10 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("empty", vec![]),
             ("truncated", good[..good.len() - 5].to_vec()),
-            ("header only", good[..good.iter().position(|&b| b == b'\n').unwrap() + 1].to_vec()),
+            (
+                "header only",
+                good[..good.iter().position(|&b| b == b'\n').unwrap() + 1].to_vec(),
+            ),
             ("flipped", flipped),
             ("appended", appended),
             ("garbage", b"hello world, not a counter at all".to_vec()),

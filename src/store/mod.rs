@@ -39,7 +39,9 @@ pub enum StoreError {
     File(#[from] FileError),
     #[error("{path} holds no valid counter state: {reason}")]
     BadState { path: PathBuf, reason: String },
-    #[error("cannot create or open the data directory {path}: {source} (check the volume mount and its permissions)")]
+    #[error(
+        "cannot create or open the data directory {path}: {source} (check the volume mount and its permissions)"
+    )]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
@@ -333,8 +335,10 @@ impl Committer {
     fn sync_now(&mut self) {
         if let Err(error) = self.file.sync() {
             tracing::error!(file = %self.file.path().display(), %error, "periodic sync failed");
-            *self.shared.unhealthy.lock().expect("poisoned") =
-                Some(format!("cannot sync {}: {error}", self.file.path().display()));
+            *self.shared.unhealthy.lock().expect("poisoned") = Some(format!(
+                "cannot sync {}: {error}",
+                self.file.path().display()
+            ));
         }
     }
 }
@@ -372,7 +376,10 @@ mod tests {
         assert_eq!(numbers, (1..=500).collect::<Vec<_>>());
         store.close().await;
         let on_disk = inspect(dir.path()).unwrap().unwrap();
-        assert_eq!((on_disk.count, on_disk.incarnation), (500, incarnation.clone()));
+        assert_eq!(
+            (on_disk.count, on_disk.incarnation),
+            (500, incarnation.clone())
+        );
         let reopened = open(dir.path());
         assert_eq!(reopened.count(), 500);
         assert_eq!(reopened.incarnation(), incarnation);

@@ -13,7 +13,10 @@ use tally_integration::sim::manifest::helm_template;
 use tally_integration::sim::{Cluster, ClusterOptions, net, pod};
 
 #[derive(Parser, Debug)]
-#[command(name = "tally-sim", about = "Run the tally chart as a local StatefulSet of real processes in network namespaces")]
+#[command(
+    name = "tally-sim",
+    about = "Run the tally chart as a local StatefulSet of real processes in network namespaces"
+)]
 struct Cli {
     /// Cluster name (namespaces tsim-<name>-*, state in /var/lib/tally-sim/<name>).
     #[arg(long, env = "TALLY_SIM_NAME", default_value = "tally", global = true)]
@@ -153,12 +156,22 @@ fn tally_bin() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = self_exe()?;
-    Ok(exe.parent().map(|d| d.join("tally")).unwrap_or_else(|| PathBuf::from("tally")))
+    Ok(exe
+        .parent()
+        .map(|d| d.join("tally"))
+        .unwrap_or_else(|| PathBuf::from("tally")))
 }
 
-fn render(manifests: &Option<PathBuf>, chart: &Path, release: &str, args: &[String]) -> Result<String> {
+fn render(
+    manifests: &Option<PathBuf>,
+    chart: &Path,
+    release: &str,
+    args: &[String],
+) -> Result<String> {
     match manifests {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display())),
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        }
         None => {
             if !chart.join("Chart.yaml").exists() {
                 bail!("{} has no Chart.yaml; pass --chart DIR", chart.display());
@@ -195,10 +208,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let spec: pod::LaunchSpec = serde_json::from_slice(&std::fs::read(&spec)?)?;
             match pod::pod_init(&spec) {
                 Ok(never) => match never {},
-                Err(e) => Err(e.context(format!("starting the container of pod {}", spec.hostname))),
+                Err(e) => {
+                    Err(e.context(format!("starting the container of pod {}", spec.hostname)))
+                }
             }
         }
-        Cmd::Daemon { manifests, tally_bin, dns_ttl, restart_backoff_ms, domain, detach, parent_pid } => {
+        Cmd::Daemon {
+            manifests,
+            tally_bin,
+            dns_ttl,
+            restart_backoff_ms,
+            domain,
+            detach,
+            parent_pid,
+        } => {
             if detach {
                 let _ = nix::unistd::setsid();
             }
@@ -223,7 +246,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Up { chart, release, manifests, dns_ttl, restart_backoff, domain, timeout, no_wait, foreground, helm_args } => {
+        Cmd::Up {
+            chart,
+            release,
+            manifests,
+            dns_ttl,
+            restart_backoff,
+            domain,
+            timeout,
+            no_wait,
+            foreground,
+            helm_args,
+        } => {
             let yaml = render(&manifests, &chart, &release, &helm_args)?;
             let mut opts = ClusterOptions::new(&name, self_exe()?, tally_bin()?, yaml);
             opts.dns_ttl = dns_ttl;
@@ -231,10 +265,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.domain = domain;
             opts.detach = true;
             let mut cluster = Cluster::start(&opts)?;
-            let saved = Saved { chart: std::fs::canonicalize(&chart).unwrap_or(chart), release };
+            let saved = Saved {
+                chart: std::fs::canonicalize(&chart).unwrap_or(chart),
+                release,
+            };
             std::fs::write(dir.join("cluster.json"), serde_json::to_vec(&saved)?)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let interrupted = |d: Duration| rt.block_on(async { tokio::time::timeout(d, tokio::signal::ctrl_c()).await.is_ok() });
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let interrupted = |d: Duration| {
+                rt.block_on(async {
+                    tokio::time::timeout(d, tokio::signal::ctrl_c())
+                        .await
+                        .is_ok()
+                })
+            };
             if !no_wait {
                 let deadline = Instant::now() + Duration::from_secs(timeout);
                 loop {
@@ -244,7 +289,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     if Instant::now() > deadline {
                         eprintln!("{}", cluster.get()?);
-                        eprintln!("the cluster stays up for inspection (`logs POD`, `events`); `down` removes it");
+                        eprintln!(
+                            "the cluster stays up for inspection (`logs POD`, `events`); `down` removes it"
+                        );
                         bail!("not every pod became Ready within {timeout}s");
                     }
                     if interrupted(Duration::from_millis(200)) {
@@ -275,9 +322,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Upgrade { manifests, wait, helm_args } => {
+        Cmd::Upgrade {
+            manifests,
+            wait,
+            helm_args,
+        } => {
             let saved: Saved = serde_json::from_slice(
-                &std::fs::read(dir.join("cluster.json")).with_context(|| format!("cluster {name} is not up (no {}/cluster.json)", dir.display()))?,
+                &std::fs::read(dir.join("cluster.json")).with_context(|| {
+                    format!(
+                        "cluster {name} is not up (no {}/cluster.json)",
+                        dir.display()
+                    )
+                })?,
             )?;
             let yaml = render(&manifests, &saved.chart, &saved.release, &helm_args)?;
             let cluster = attach()?;
@@ -310,11 +366,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if command.is_empty() {
                 bail!("exec needs a command: exec POD -- CMD [ARGS...]");
             }
-            let info = match control::call(&dir, &Request::PodInfo { pod: pod.clone() }, Duration::from_secs(10))? {
+            let info = match control::call(
+                &dir,
+                &Request::PodInfo { pod: pod.clone() },
+                Duration::from_secs(10),
+            )? {
                 Response::PodInfo(i) => i,
                 other => bail!("unexpected answer {other:?}"),
             };
-            match pod::exec_in(info.pid, info.uid, info.gid, &info.groups, &info.env, &command) {
+            match pod::exec_in(
+                info.pid,
+                info.uid,
+                info.gid,
+                &info.groups,
+                &info.env,
+                &command,
+            ) {
                 Ok(never) => match never {},
                 Err(e) => Err(e.context(format!("exec in pod {pod}"))),
             }
@@ -323,7 +390,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let s = attach()?.status()?;
             let addr = match pod {
                 Some(p) => {
-                    let ps = s.pods.iter().find(|x| x.name == p).ok_or_else(|| anyhow!("no pod {p}"))?;
+                    let ps = s
+                        .pods
+                        .iter()
+                        .find(|x| x.name == p)
+                        .ok_or_else(|| anyhow!("no pod {p}"))?;
                     let port = s
                         .services
                         .iter()
@@ -333,15 +404,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .unwrap_or(8080);
                     std::net::SocketAddr::from((ps.ip, port))
                 }
-                None => s.client_service.ok_or_else(|| anyhow!("the chart has no ClusterIP Service selecting the pods"))?.parse()?,
+                None => s
+                    .client_service
+                    .ok_or_else(|| {
+                        anyhow!("the chart has no ClusterIP Service selecting the pods")
+                    })?
+                    .parse()?,
             };
-            let path = if path.starts_with('/') { path } else { format!("/{path}") };
+            let path = if path.starts_with('/') {
+                path
+            } else {
+                format!("/{path}")
+            };
             let r = net::http_get_in(&s.client_netns, addr, &path, Duration::from_secs(10))?;
             print!("{}", r.body);
             if !r.body.ends_with('\n') {
                 println!();
             }
-            Ok(if r.status < 400 { ExitCode::SUCCESS } else { ExitCode::from(22) })
+            Ok(if r.status < 400 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(22)
+            })
         }
         Cmd::DeletePod { pod } => {
             println!("{}", text(attach()?.request(&Request::DeletePod { pod })?));

@@ -34,7 +34,11 @@ pub fn namespaces(name: &str) -> Vec<String> {
 
 /// Inode numbers of the given network namespaces.
 pub fn ns_inodes(names: &[String]) -> HashSet<u64> {
-    names.iter().filter_map(|n| fs::metadata(net::ns_path(n)).ok()).map(|m| m.ino()).collect()
+    names
+        .iter()
+        .filter_map(|n| fs::metadata(net::ns_path(n)).ok())
+        .map(|m| m.ino())
+        .collect()
 }
 
 /// Processes whose network namespace is one of `inodes` (except this one).
@@ -46,14 +50,21 @@ pub fn processes_in(inodes: &HashSet<u64>) -> Vec<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
         .filter(|pid| *pid != me)
-        .filter(|pid| fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| inodes.contains(&m.ino())))
+        .filter(|pid| {
+            fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| inodes.contains(&m.ino()))
+        })
         .collect()
 }
 
 fn alive(pid: u32) -> bool {
     // A zombie has no namespaces left to hold; count only live processes.
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -63,22 +74,24 @@ fn alive(pid: u32) -> bool {
 /// and the state directory. Idempotent.
 pub fn force_down(name: &str, state_dir: &Path, kill_daemon: bool) -> Result<Vec<String>> {
     let mut report = Vec::new();
-    if kill_daemon {
-        if let Ok(pid) = fs::read_to_string(state_dir.join("daemon.pid")) {
-            if let Ok(pid) = pid.trim().parse::<u32>() {
-                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmdline).contains("tally-sim") && pid != std::process::id() {
-                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                    report.push(format!("killed daemon {pid}"));
-                }
-            }
+    if kill_daemon
+        && let Ok(pid) = fs::read_to_string(state_dir.join("daemon.pid"))
+        && let Ok(pid) = pid.trim().parse::<u32>()
+    {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("tally-sim") && pid != std::process::id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            report.push(format!("killed daemon {pid}"));
         }
     }
     let nss = namespaces(name);
     let inodes = ns_inodes(&nss);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let pids: Vec<u32> = processes_in(&inodes).into_iter().filter(|p| alive(*p)).collect();
+        let pids: Vec<u32> = processes_in(&inodes)
+            .into_iter()
+            .filter(|p| alive(*p))
+            .collect();
         let pids: Vec<u32> = if kill_daemon {
             pids
         } else {
@@ -92,7 +105,10 @@ pub fn force_down(name: &str, state_dir: &Path, kill_daemon: bool) -> Result<Vec
         for pid in &pids {
             let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
         }
-        report.push(format!("killed {} process(es) in the cluster's namespaces", pids.len()));
+        report.push(format!(
+            "killed {} process(es) in the cluster's namespaces",
+            pids.len()
+        ));
         std::thread::sleep(Duration::from_millis(100));
     }
     for ns in &nss {
@@ -100,7 +116,8 @@ pub fn force_down(name: &str, state_dir: &Path, kill_daemon: bool) -> Result<Vec
         report.push(format!("deleted network namespace {ns}"));
     }
     if state_dir.exists() {
-        fs::remove_dir_all(state_dir).or_else(|e| if state_dir.exists() { Err(e) } else { Ok(()) })?;
+        fs::remove_dir_all(state_dir)
+            .or_else(|e| if state_dir.exists() { Err(e) } else { Ok(()) })?;
         report.push(format!("removed {}", state_dir.display()));
     }
     Ok(report)
@@ -118,7 +135,9 @@ pub fn leftovers(name: &str, state_dir: &Path, pids: &[u32], inodes: &HashSet<u6
         out.push(format!("process {pid}"));
     }
     for pid in processes_in(inodes).into_iter().filter(|p| alive(*p)) {
-        out.push(format!("process {pid} in one of the cluster's network namespaces"));
+        out.push(format!(
+            "process {pid} in one of the cluster's network namespaces"
+        ));
     }
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let sd = state_dir.display().to_string();
@@ -128,7 +147,9 @@ pub fn leftovers(name: &str, state_dir: &Path, pids: &[u32], inodes: &HashSet<u6
             out.push(format!("mount: {line}"));
         }
     }
-    let links = std::process::Command::new("ip").args(["-o", "link"]).output();
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link"])
+        .output();
     if let Ok(o) = links {
         for line in String::from_utf8_lossy(&o.stdout).lines() {
             if line.contains(&net::prefix(name)) {

@@ -16,7 +16,8 @@ pub const DEFAULT_HOME: &str = "/var/lib/tally-sim";
 
 /// The state directory of cluster `name`.
 pub fn state_dir(name: &str) -> PathBuf {
-    let home = std::env::var_os("TALLY_SIM_HOME").map_or_else(|| PathBuf::from(DEFAULT_HOME), PathBuf::from);
+    let home = std::env::var_os("TALLY_SIM_HOME")
+        .map_or_else(|| PathBuf::from(DEFAULT_HOME), PathBuf::from);
     home.join(name)
 }
 
@@ -24,7 +25,9 @@ pub fn state_dir(name: &str) -> PathBuf {
 pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 24
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !ok {
         bail!("cluster name {name:?} must be 1-24 characters of a-z, 0-9 and -");
     }
@@ -219,11 +222,16 @@ pub fn call(dir: &Path, request: &Request, timeout: Duration) -> Result<Response
     stream.write_all(line.as_bytes())?;
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
-    reader.read_line(&mut answer).context("reading the simulator's answer")?;
+    reader
+        .read_line(&mut answer)
+        .context("reading the simulator's answer")?;
     if answer.is_empty() {
-        return Err(anyhow!("the simulator closed the connection without answering"));
+        return Err(anyhow!(
+            "the simulator closed the connection without answering"
+        ));
     }
-    let response: Response = serde_json::from_str(&answer).context("decoding the simulator's answer")?;
+    let response: Response =
+        serde_json::from_str(&answer).context("decoding the simulator's answer")?;
     if let Response::Error(e) = &response {
         bail!("{e}");
     }

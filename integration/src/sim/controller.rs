@@ -23,7 +23,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::mpsc;
 
-use super::control::{ClaimStatus, ClusterStatus, Event, PodInfo, PodStatus, Request, Response, ServiceStatus};
+use super::control::{
+    ClaimStatus, ClusterStatus, Event, PodInfo, PodStatus, Request, Response, ServiceStatus,
+};
 use super::dns::{self, SharedZone, Zone};
 use super::endpoints::{PodRec, ServicePort, ServiceRec};
 use super::manifest::Manifests;
@@ -161,9 +163,16 @@ fn revision_of(sts: &str, t: &PodTemplateSpec) -> String {
 
 fn sts_state(m: &Manifests) -> Result<StsState> {
     let sts = m.stateful_set();
-    let name = sts.metadata.name.clone().ok_or_else(|| anyhow!("the StatefulSet has no name"))?;
+    let name = sts
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| anyhow!("the StatefulSet has no name"))?;
     let spec = &sts.spec;
-    let policy = spec.pod_management_policy.clone().unwrap_or_else(|| "OrderedReady".into());
+    let policy = spec
+        .pod_management_policy
+        .clone()
+        .unwrap_or_else(|| "OrderedReady".into());
     let parallel = match policy.as_str() {
         "Parallel" => true,
         "OrderedReady" => false,
@@ -175,7 +184,11 @@ fn sts_state(m: &Manifests) -> Result<StsState> {
         "OnDelete" => true,
         other => bail!("StatefulSet {name}: unknown updateStrategy.type {other:?}"),
     };
-    let partition = strategy.rolling_update.and_then(|r| r.partition).unwrap_or(0).max(0) as u32;
+    let partition = strategy
+        .rolling_update
+        .and_then(|r| r.partition)
+        .unwrap_or(0)
+        .max(0) as u32;
     if spec.ordinals.as_ref().and_then(|o| o.start).unwrap_or(0) != 0 {
         bail!("StatefulSet {name}: spec.ordinals.start is not modelled");
     }
@@ -237,17 +250,27 @@ fn services_of(m: &Manifests, old: &[ServiceRec], next_ip: &mut u8) -> Result<Ve
         let cluster_ip = match spec.cluster_ip.as_deref() {
             Some("None") => None,
             Some(ip) if !ip.is_empty() => {
-                let ip: Ipv4Addr = ip.parse().with_context(|| format!("Service {name}: clusterIP {ip:?}"))?;
+                let ip: Ipv4Addr = ip
+                    .parse()
+                    .with_context(|| format!("Service {name}: clusterIP {ip:?}"))?;
                 if ip.octets()[..2] != [10, 96] {
-                    bail!("Service {name}: clusterIP {ip} is outside the simulated service range 10.96.0.0/16");
+                    bail!(
+                        "Service {name}: clusterIP {ip} is outside the simulated service range 10.96.0.0/16"
+                    );
                 }
                 Some(ip)
             }
-            _ => match old.iter().find(|o| o.name == name).and_then(|o| o.cluster_ip) {
+            _ => match old
+                .iter()
+                .find(|o| o.name == name)
+                .and_then(|o| o.cluster_ip)
+            {
                 Some(ip) => Some(ip),
                 None => {
                     let ip = Ipv4Addr::new(10, 96, 0, *next_ip);
-                    *next_ip = next_ip.checked_add(1).ok_or_else(|| anyhow!("out of Service addresses"))?;
+                    *next_ip = next_ip
+                        .checked_add(1)
+                        .ok_or_else(|| anyhow!("out of Service addresses"))?;
                     Some(ip)
                 }
             },
@@ -258,12 +281,15 @@ fn services_of(m: &Manifests, old: &[ServiceRec], next_ip: &mut u8) -> Result<Ve
             .flatten()
             .map(|p| ServicePort {
                 name: p.name.clone(),
-                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()).to_ascii_lowercase(),
-                port: p.port as u16,
-                target: p
-                    .target_port
+                protocol: p
+                    .protocol
                     .clone()
-                    .unwrap_or(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p.port)),
+                    .unwrap_or_else(|| "TCP".into())
+                    .to_ascii_lowercase(),
+                port: p.port as u16,
+                target: p.target_port.clone().unwrap_or(
+                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p.port),
+                ),
             })
             .collect();
         out.push(ServiceRec {
@@ -381,9 +407,15 @@ impl Sim {
         for (claim, capacity, modes) in self.sts.claims.clone() {
             let (cname, dir) = self.claim_dir(&claim, ordinal);
             if !dir.exists() {
-                fs::create_dir_all(&dir).with_context(|| format!("creating claim directory {}", dir.display()))?;
-                self.claims.insert(cname.clone(), (Instant::now(), capacity, modes));
-                self.event(&format!("persistentvolumeclaim/{cname}"), "Bound", format!("volume {}", dir.display()));
+                fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating claim directory {}", dir.display()))?;
+                self.claims
+                    .insert(cname.clone(), (Instant::now(), capacity, modes));
+                self.event(
+                    &format!("persistentvolumeclaim/{cname}"),
+                    "Bound",
+                    format!("volume {}", dir.display()),
+                );
             }
             claims.insert(claim, dir);
         }
@@ -410,7 +442,11 @@ impl Sim {
         let veth = format!("veth{}", self.next_veth);
         self.next_veth += 1;
         net::attach(&self.cfg.name, &netns, &veth, ip)?;
-        self.event(&format!("pod/{name}"), "Scheduled", format!("ip {ip}, revision {revision}"));
+        self.event(
+            &format!("pod/{name}"),
+            "Scheduled",
+            format!("ip {ip}, revision {revision}"),
+        );
         self.pods.insert(
             ordinal,
             SimPod {
@@ -441,7 +477,9 @@ impl Sim {
     fn start_container(&mut self, ordinal: u32) -> Result<()> {
         let self_exe = self.cfg.self_exe.clone();
         let state_dir = self.cfg.state_dir.clone();
-        let Some(p) = self.pods.get_mut(&ordinal) else { return Ok(()) };
+        let Some(p) = self.pods.get_mut(&ordinal) else {
+            return Ok(());
+        };
         let pod_dir = state_dir.join("pods").join(&p.name);
         let spec_path = pod_dir.join("launch.json");
         fs::write(&spec_path, serde_json::to_vec_pretty(&p.plan.launch)?)?;
@@ -460,42 +498,70 @@ impl Sim {
         p.serial += 1;
         let now = Instant::now();
         let pid = child.id();
-        p.container = Some(Container { child, pid, serial: p.serial, started_at: now, kill_at: None, kill_reason: None });
+        p.container = Some(Container {
+            child,
+            pid,
+            serial: p.serial,
+            started_at: now,
+            kill_at: None,
+            kill_reason: None,
+        });
         p.logs.push(log_path);
         p.next_start = None;
         p.waiting_reason = None;
         p.ready = false;
         p.started = p.plan.probes.startup.is_none();
         let due = |s: &Option<ProbeSpec>| s.as_ref().map(|s| now + s.initial_delay);
-        p.startup = ProbeState { next_due: due(&p.plan.probes.startup), ..Default::default() };
-        p.liveness = ProbeState { next_due: due(&p.plan.probes.liveness), ..Default::default() };
-        p.readiness = ProbeState { next_due: due(&p.plan.probes.readiness), ..Default::default() };
+        p.startup = ProbeState {
+            next_due: due(&p.plan.probes.startup),
+            ..Default::default()
+        };
+        p.liveness = ProbeState {
+            next_due: due(&p.plan.probes.liveness),
+            ..Default::default()
+        };
+        p.readiness = ProbeState {
+            next_due: due(&p.plan.probes.readiness),
+            ..Default::default()
+        };
         if p.started && p.plan.probes.readiness.is_none() {
             p.ready = true;
         }
         let (name, restarts) = (p.name.clone(), p.restarts);
-        self.event(&format!("pod/{name}"), "Started", format!("container started (pid {pid}, restarts {restarts})"));
+        self.event(
+            &format!("pod/{name}"),
+            "Started",
+            format!("container started (pid {pid}, restarts {restarts})"),
+        );
         Ok(())
     }
 
     /// Starts the kill of a container: SIGTERM now, SIGKILL after the grace period.
     fn kill_container(&mut self, ordinal: u32, reason: &str) {
-        let Some(p) = self.pods.get_mut(&ordinal) else { return };
+        let Some(p) = self.pods.get_mut(&ordinal) else {
+            return;
+        };
         let grace = p.plan.grace;
         let name = p.name.clone();
-        if let Some(c) = p.container.as_mut() {
-            if c.kill_at.is_none() {
-                send(c.pid, Signal::SIGTERM);
-                c.kill_at = Some(Instant::now() + grace);
-                c.kill_reason = Some(reason.to_string());
-            }
+        if let Some(c) = p.container.as_mut()
+            && c.kill_at.is_none()
+        {
+            send(c.pid, Signal::SIGTERM);
+            c.kill_at = Some(Instant::now() + grace);
+            c.kill_reason = Some(reason.to_string());
         }
         p.ready = false;
-        self.event(&format!("pod/{name}"), "Killing", format!("{reason}; SIGTERM, SIGKILL after {}s", grace.as_secs()));
+        self.event(
+            &format!("pod/{name}"),
+            "Killing",
+            format!("{reason}; SIGTERM, SIGKILL after {}s", grace.as_secs()),
+        );
     }
 
     fn delete_pod(&mut self, ordinal: u32, why: &str) {
-        let Some(p) = self.pods.get_mut(&ordinal) else { return };
+        let Some(p) = self.pods.get_mut(&ordinal) else {
+            return;
+        };
         if p.terminating.is_some() {
             return;
         }
@@ -505,8 +571,12 @@ impl Sim {
     }
 
     fn on_probe(&mut self, r: ProbeResult) {
-        let Some(p) = self.pods.get_mut(&r.ordinal) else { return };
-        let Some(c) = p.container.as_ref() else { return };
+        let Some(p) = self.pods.get_mut(&r.ordinal) else {
+            return;
+        };
+        let Some(c) = p.container.as_ref() else {
+            return;
+        };
         if c.serial != r.serial || c.kill_at.is_some() {
             return;
         }
@@ -548,10 +618,20 @@ impl Sim {
             }
             ProbeKind::Liveness => {
                 if !r.ok {
-                    self.event(&obj, "Unhealthy", format!("liveness probe failed ({fail}/{}): {}", spec.failure_threshold, r.detail));
+                    self.event(
+                        &obj,
+                        "Unhealthy",
+                        format!(
+                            "liveness probe failed ({fail}/{}): {}",
+                            spec.failure_threshold, r.detail
+                        ),
+                    );
                 }
                 if fail >= spec.failure_threshold {
-                    self.kill_container(r.ordinal, "liveness probe failed; the container will be restarted");
+                    self.kill_container(
+                        r.ordinal,
+                        "liveness probe failed; the container will be restarted",
+                    );
                 }
             }
             ProbeKind::Readiness => {
@@ -560,7 +640,11 @@ impl Sim {
                     self.event(&obj, "Ready", "readiness probe succeeded");
                 } else if !r.ok && p.ready && fail >= spec.failure_threshold {
                     p.ready = false;
-                    self.event(&obj, "NotReady", format!("readiness probe failed: {}", r.detail));
+                    self.event(
+                        &obj,
+                        "NotReady",
+                        format!("readiness probe failed: {}", r.detail),
+                    );
                 }
             }
         }
@@ -569,14 +653,28 @@ impl Sim {
     fn run_probes(&mut self) {
         let now = Instant::now();
         for p in self.pods.values_mut() {
-            let Some(c) = p.container.as_ref() else { continue };
+            let Some(c) = p.container.as_ref() else {
+                continue;
+            };
             if c.kill_at.is_some() {
                 continue;
             }
             let kinds: [(ProbeKind, Option<ProbeSpec>, bool); 3] = [
-                (ProbeKind::Startup, p.plan.probes.startup.clone(), !p.started),
-                (ProbeKind::Liveness, p.plan.probes.liveness.clone(), p.started),
-                (ProbeKind::Readiness, p.plan.probes.readiness.clone(), p.started),
+                (
+                    ProbeKind::Startup,
+                    p.plan.probes.startup.clone(),
+                    !p.started,
+                ),
+                (
+                    ProbeKind::Liveness,
+                    p.plan.probes.liveness.clone(),
+                    p.started,
+                ),
+                (
+                    ProbeKind::Readiness,
+                    p.plan.probes.readiness.clone(),
+                    p.started,
+                ),
             ];
             for (kind, spec, active) in kinds {
                 let Some(spec) = spec else { continue };
@@ -598,7 +696,13 @@ impl Sim {
                 let (ip, ordinal, serial) = (p.ip, p.ordinal, c.serial);
                 tokio::spawn(async move {
                     let (ok, detail) = probe_once(ip, &spec).await;
-                    let _ = tx.send(ProbeResult { ordinal, serial, kind, ok, detail });
+                    let _ = tx.send(ProbeResult {
+                        ordinal,
+                        serial,
+                        kind,
+                        ok,
+                        detail,
+                    });
                 });
             }
         }
@@ -611,18 +715,20 @@ impl Sim {
         let ordinals: Vec<u32> = self.pods.keys().copied().collect();
         for ord in ordinals {
             let mut exited = None;
-            if let Some(p) = self.pods.get_mut(&ord) {
-                if let Some(c) = p.container.as_mut() {
-                    match c.child.try_wait() {
-                        Ok(Some(status)) => exited = Some((status, c.kill_reason.clone(), c.started_at)),
-                        Ok(None) => {
-                            if c.kill_at.is_some_and(|t| t <= now) {
-                                send(c.pid, Signal::SIGKILL);
-                                c.kill_at = Some(now + Duration::from_secs(3600));
-                            }
-                        }
-                        Err(_) => {}
+            if let Some(p) = self.pods.get_mut(&ord)
+                && let Some(c) = p.container.as_mut()
+            {
+                match c.child.try_wait() {
+                    Ok(Some(status)) => {
+                        exited = Some((status, c.kill_reason.clone(), c.started_at))
                     }
+                    Ok(None) => {
+                        if c.kill_at.is_some_and(|t| t <= now) {
+                            send(c.pid, Signal::SIGKILL);
+                            c.kill_at = Some(now + Duration::from_secs(3600));
+                        }
+                    }
+                    Err(_) => {}
                 }
             }
             if let Some((status, reason, started_at)) = exited {
@@ -641,14 +747,23 @@ impl Sim {
                     let delay = if p.restarts == 0 {
                         Duration::ZERO
                     } else {
-                        (backoff_base * 2u32.saturating_pow(p.restarts - 1)).min(Duration::from_secs(300))
+                        (backoff_base * 2u32.saturating_pow(p.restarts - 1))
+                            .min(Duration::from_secs(300))
                     };
                     p.restarts += 1;
                     p.next_start = Some(now + delay);
-                    p.waiting_reason = Some(if delay.is_zero() { "ContainerCreating".into() } else { "CrashLoopBackOff".into() });
+                    p.waiting_reason = Some(if delay.is_zero() {
+                        "ContainerCreating".into()
+                    } else {
+                        "CrashLoopBackOff".into()
+                    });
                 }
                 let why = reason.unwrap_or_else(|| "the container exited by itself".into());
-                self.event(&format!("pod/{name}"), "Exited", format!("{status} ({why})"));
+                self.event(
+                    &format!("pod/{name}"),
+                    "Exited",
+                    format!("{status} ({why})"),
+                );
             }
             let p = self.pods.get_mut(&ord).expect("pod exists");
             if p.terminating.is_some() && p.container.is_none() {
@@ -660,21 +775,25 @@ impl Sim {
                 self.event(&format!("pod/{}", p.name), "Deleted", "pod removed");
                 continue;
             }
-            if p.container.is_none() && p.terminating.is_none() && p.next_start.is_some_and(|t| t <= now) {
-                if let Err(e) = self.start_container(ord) {
-                    let name = self.pods[&ord].name.clone();
-                    self.event(&format!("pod/{name}"), "Failed", format!("{e:#}"));
-                    if let Some(p) = self.pods.get_mut(&ord) {
-                        p.next_start = Some(now + Duration::from_secs(5));
-                        p.waiting_reason = Some("CreateContainerError".into());
-                    }
+            if p.container.is_none()
+                && p.terminating.is_none()
+                && p.next_start.is_some_and(|t| t <= now)
+                && let Err(e) = self.start_container(ord)
+            {
+                let name = self.pods[&ord].name.clone();
+                self.event(&format!("pod/{name}"), "Failed", format!("{e:#}"));
+                if let Some(p) = self.pods.get_mut(&ord) {
+                    p.next_start = Some(now + Duration::from_secs(5));
+                    p.waiting_reason = Some("CreateContainerError".into());
                 }
             }
         }
     }
 
     fn healthy(&self, ord: u32) -> bool {
-        self.pods.get(&ord).is_some_and(|p| p.ready && p.terminating.is_none() && p.container.is_some())
+        self.pods
+            .get(&ord)
+            .is_some_and(|p| p.ready && p.terminating.is_none() && p.container.is_some())
     }
 
     /// The StatefulSet controller part.
@@ -695,7 +814,11 @@ impl Sim {
                     };
                     if let Err(e) = self.create_pod(ord, rev) {
                         let sts = self.sts.name.clone();
-                        self.event(&format!("statefulset/{sts}"), "FailedCreate", format!("pod {sts}-{ord}: {e:#}"));
+                        self.event(
+                            &format!("statefulset/{sts}"),
+                            "FailedCreate",
+                            format!("pod {sts}-{ord}: {e:#}"),
+                        );
                         return;
                     }
                     if monotonic {
@@ -710,7 +833,13 @@ impl Sim {
             }
         }
         // Scale down: highest ordinal first.
-        let condemned: Vec<u32> = self.pods.keys().copied().filter(|o| *o >= replicas).rev().collect();
+        let condemned: Vec<u32> = self
+            .pods
+            .keys()
+            .copied()
+            .filter(|o| *o >= replicas)
+            .rev()
+            .collect();
         if !condemned.is_empty() {
             for ord in condemned {
                 if self.pods[&ord].terminating.is_some() {
@@ -730,22 +859,35 @@ impl Sim {
         // when every pod is Ready.
         let all_ready = (0..replicas).all(|o| self.healthy(o));
         if !self.sts.on_delete && all_ready {
-            let target = (self.sts.partition..replicas).rev().find(|o| self.pods[o].revision != self.sts.update_rev);
+            let target = (self.sts.partition..replicas)
+                .rev()
+                .find(|o| self.pods[o].revision != self.sts.update_rev);
             if let Some(ord) = target {
                 let name = self.pods[&ord].name.clone();
                 let rev = self.sts.update_rev.clone();
-                self.event(&format!("statefulset/{}", self.sts.name), "RollingUpdate", format!("replacing {name} with revision {rev}"));
+                self.event(
+                    &format!("statefulset/{}", self.sts.name),
+                    "RollingUpdate",
+                    format!("replacing {name} with revision {rev}"),
+                );
                 self.delete_pod(ord, "rolling update");
                 return;
             }
         }
-        if (0..replicas).all(|o| self.pods.get(&o).is_some_and(|p| p.revision == self.sts.update_rev))
-            && self.sts.current_rev != self.sts.update_rev
+        if (0..replicas).all(|o| {
+            self.pods
+                .get(&o)
+                .is_some_and(|p| p.revision == self.sts.update_rev)
+        }) && self.sts.current_rev != self.sts.update_rev
         {
             self.sts.current_rev = self.sts.update_rev.clone();
             let sts = self.sts.name.clone();
             let rev = self.sts.current_rev.clone();
-            self.event(&format!("statefulset/{sts}"), "UpdateComplete", format!("all pods at revision {rev}"));
+            self.event(
+                &format!("statefulset/{sts}"),
+                "UpdateComplete",
+                format!("all pods at revision {rev}"),
+            );
         }
     }
 
@@ -764,7 +906,11 @@ impl Sim {
         let new = sts_state(&m)?;
         let old = &self.sts;
         if new.name != old.name {
-            bail!("the new rendering has StatefulSet {:?}, the cluster runs {:?}", new.name, old.name);
+            bail!(
+                "the new rendering has StatefulSet {:?}, the cluster runs {:?}",
+                new.name,
+                old.name
+            );
         }
         let immutable = |field: &str| {
             anyhow!(
@@ -780,22 +926,35 @@ impl Sim {
         if new.service_name != old.service_name {
             return Err(immutable("serviceName"));
         }
-        if new.claims.iter().map(|c| &c.0).ne(old.claims.iter().map(|c| &c.0)) {
+        if new
+            .claims
+            .iter()
+            .map(|c| &c.0)
+            .ne(old.claims.iter().map(|c| &c.0))
+        {
             return Err(immutable("volumeClaimTemplates"));
         }
-        let template = new.revisions.get(&new.update_rev).cloned().expect("the new template");
+        let template = new
+            .revisions
+            .get(&new.update_rev)
+            .cloned()
+            .expect("the new template");
         let services = services_of(&m, &self.services, &mut self.next_service_ip)?;
         for s in &services {
-            if let Some(ip) = s.cluster_ip {
-                if !self.services.iter().any(|o| o.cluster_ip == Some(ip)) {
-                    net::add_service_ip(&self.cfg.name, ip)?;
-                }
+            if let Some(ip) = s.cluster_ip
+                && !self.services.iter().any(|o| o.cluster_ip == Some(ip))
+            {
+                net::add_service_ip(&self.cfg.name, ip)?;
             }
         }
         let mut warnings = String::new();
         for sec in &m.secrets {
             let name = sec.metadata.name.clone().unwrap_or_default();
-            if self.manifests.secret(&name).is_some_and(|old| old.data != sec.data || old.string_data != sec.string_data) {
+            if self
+                .manifests
+                .secret(&name)
+                .is_some_and(|old| old.data != sec.data || old.string_data != sec.string_data)
+            {
                 warnings.push_str(&format!(
                     "; warning: Secret {name} changed. `helm template` cannot `lookup` the existing Secret, so a value \
                      the chart generates at random changes on every render; pass it explicitly (e.g. --set auth.token=...) \
@@ -824,7 +983,14 @@ impl Sim {
     }
 
     fn client_service(&self) -> Option<SocketAddr> {
-        let labels = self.sts.revisions.get(&self.sts.update_rev)?.metadata.as_ref()?.labels.clone()?;
+        let labels = self
+            .sts
+            .revisions
+            .get(&self.sts.update_rev)?
+            .metadata
+            .as_ref()?
+            .labels
+            .clone()?;
         self.services
             .iter()
             .find(|s| !s.headless() && s.selects(&labels))
@@ -861,12 +1027,22 @@ impl Sim {
                 name: s.name.clone(),
                 type_: s.type_.clone(),
                 cluster_ip: s.cluster_ip,
-                ports: s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol.to_ascii_uppercase())).collect(),
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol.to_ascii_uppercase()))
+                    .collect(),
                 ready_endpoints: s
                     .endpoints(&pods)
                     .iter()
                     .filter(|e| e.ready)
-                    .filter_map(|e| e.target_ports.first().copied().flatten().map(|p| format!("{}:{p}", e.ip)))
+                    .filter_map(|e| {
+                        e.target_ports
+                            .first()
+                            .copied()
+                            .flatten()
+                            .map(|p| format!("{}:{p}", e.ip))
+                    })
                     .collect(),
             })
             .collect();
@@ -888,7 +1064,11 @@ impl Sim {
             service_name: self.sts.service_name.clone(),
             replicas: self.sts.replicas,
             ready_replicas: (0..self.sts.replicas).filter(|o| self.healthy(*o)).count() as u32,
-            pod_management_policy: if self.sts.parallel { "Parallel".into() } else { "OrderedReady".into() },
+            pod_management_policy: if self.sts.parallel {
+                "Parallel".into()
+            } else {
+                "OrderedReady".into()
+            },
             current_revision: self.sts.current_rev.clone(),
             update_revision: self.sts.update_rev.clone(),
             pods: pods_status,
@@ -912,7 +1092,10 @@ impl Sim {
             Request::PodInfo { pod } => match self.pods.values().find(|p| p.name == pod) {
                 None => Response::Error(format!("pod {pod:?} not found (see `get`)")),
                 Some(p) => match &p.container {
-                    None => Response::Error(format!("pod {pod} has no running container (it is {:?})", p.waiting_reason)),
+                    None => Response::Error(format!(
+                        "pod {pod} has no running container (it is {:?})",
+                        p.waiting_reason
+                    )),
                     Some(c) => Response::PodInfo(PodInfo {
                         pid: c.pid,
                         uid: p.plan.launch.uid,
@@ -924,7 +1107,12 @@ impl Sim {
                     }),
                 },
             },
-            Request::DeletePod { pod } => match self.pods.values().find(|p| p.name == pod).map(|p| p.ordinal) {
+            Request::DeletePod { pod } => match self
+                .pods
+                .values()
+                .find(|p| p.name == pod)
+                .map(|p| p.ordinal)
+            {
                 None => Response::Error(format!("pod {pod:?} not found (see `get`)")),
                 Some(ord) => {
                     self.delete_pod(ord, "deleted by the user");
@@ -934,7 +1122,11 @@ impl Sim {
             Request::Scale { replicas } => {
                 self.sts.replicas = replicas;
                 let sts = self.sts.name.clone();
-                self.event(&format!("statefulset/{sts}"), "Scaled", format!("replicas {replicas}"));
+                self.event(
+                    &format!("statefulset/{sts}"),
+                    "Scaled",
+                    format!("replicas {replicas}"),
+                );
                 Response::Ok(format!("statefulset.apps/{sts} scaled"))
             }
             Request::Apply { manifests } => match self.apply(&manifests) {
@@ -949,7 +1141,14 @@ impl Sim {
 /// Formats the status like `kubectl get po,sts,svc,pvc`.
 pub fn render_table(s: &ClusterStatus) -> String {
     let mut out = String::new();
-    let mut rows = vec![vec!["NAME".to_string(), "READY".into(), "STATUS".into(), "RESTARTS".into(), "AGE".into(), "IP".into()]];
+    let mut rows = vec![vec![
+        "NAME".to_string(),
+        "READY".into(),
+        "STATUS".into(),
+        "RESTARTS".into(),
+        "AGE".into(),
+        "IP".into(),
+    ]];
     for p in &s.pods {
         rows.push(vec![
             format!("pod/{}", p.name),
@@ -964,15 +1163,27 @@ pub fn render_table(s: &ClusterStatus) -> String {
     out.push('\n');
     out.push_str(&columns(&[
         vec!["NAME".into(), "READY".into(), "AGE".into()],
-        vec![format!("statefulset.apps/{}", s.statefulset), format!("{}/{}", s.ready_replicas, s.replicas), fmt_age(s.age_s)],
+        vec![
+            format!("statefulset.apps/{}", s.statefulset),
+            format!("{}/{}", s.ready_replicas, s.replicas),
+            fmt_age(s.age_s),
+        ],
     ]));
     out.push('\n');
-    let mut rows = vec![vec!["NAME".to_string(), "TYPE".into(), "CLUSTER-IP".into(), "EXTERNAL-IP".into(), "PORT(S)".into(), "AGE".into()]];
+    let mut rows = vec![vec![
+        "NAME".to_string(),
+        "TYPE".into(),
+        "CLUSTER-IP".into(),
+        "EXTERNAL-IP".into(),
+        "PORT(S)".into(),
+        "AGE".into(),
+    ]];
     for svc in &s.services {
         rows.push(vec![
             format!("service/{}", svc.name),
             svc.type_.clone(),
-            svc.cluster_ip.map_or_else(|| "None".into(), |ip| ip.to_string()),
+            svc.cluster_ip
+                .map_or_else(|| "None".into(), |ip| ip.to_string()),
             "<none>".into(),
             svc.ports.join(","),
             fmt_age(s.age_s),
@@ -980,7 +1191,14 @@ pub fn render_table(s: &ClusterStatus) -> String {
     }
     out.push_str(&columns(&rows));
     out.push('\n');
-    let mut rows = vec![vec!["NAME".to_string(), "STATUS".into(), "VOLUME".into(), "CAPACITY".into(), "ACCESS MODES".into(), "AGE".into()]];
+    let mut rows = vec![vec![
+        "NAME".to_string(),
+        "STATUS".into(),
+        "VOLUME".into(),
+        "CAPACITY".into(),
+        "ACCESS MODES".into(),
+        "AGE".into(),
+    ]];
     for c in &s.claims {
         rows.push(vec![
             format!("persistentvolumeclaim/{}", c.name),
@@ -997,10 +1215,21 @@ pub fn render_table(s: &ClusterStatus) -> String {
 
 fn columns(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..n).map(|i| rows.iter().map(|r| r.get(i).map_or(0, String::len)).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for r in rows {
-        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         out.push_str(line.join("   ").trim_end());
         out.push('\n');
     }
@@ -1011,17 +1240,29 @@ async fn probe_once(ip: Ipv4Addr, spec: &ProbeSpec) -> (bool, String) {
     let attempt = async {
         match &spec.action {
             ProbeAction::Tcp { port } => {
-                TcpStream::connect((ip, *port)).await.map_err(|e| format!("dial tcp {ip}:{port}: {e}"))?;
+                TcpStream::connect((ip, *port))
+                    .await
+                    .map_err(|e| format!("dial tcp {ip}:{port}: {e}"))?;
                 Ok::<String, String>("connected".into())
             }
             ProbeAction::Http { port, path } => {
-                let mut s = TcpStream::connect((ip, *port)).await.map_err(|e| format!("Get http://{ip}:{port}{path}: {e}"))?;
-                let req = format!("GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.34\r\nConnection: close\r\n\r\n");
-                s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+                let mut s = TcpStream::connect((ip, *port))
+                    .await
+                    .map_err(|e| format!("Get http://{ip}:{port}{path}: {e}"))?;
+                let req = format!(
+                    "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.34\r\nConnection: close\r\n\r\n"
+                );
+                s.write_all(req.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let mut buf = Vec::new();
                 s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
                 let head = String::from_utf8_lossy(&buf);
-                let code: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("no HTTP status")?;
+                let code: u16 = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .ok_or("no HTTP status")?;
                 if (200..400).contains(&code) {
                     Ok(format!("HTTP {code}"))
                 } else {
@@ -1033,7 +1274,13 @@ async fn probe_once(ip: Ipv4Addr, spec: &ProbeSpec) -> (bool, String) {
     match tokio::time::timeout(spec.timeout, attempt).await {
         Ok(Ok(d)) => (true, d),
         Ok(Err(e)) => (false, e),
-        Err(_) => (false, format!("timeout after {}s (context deadline exceeded)", spec.timeout.as_secs())),
+        Err(_) => (
+            false,
+            format!(
+                "timeout after {}s (context deadline exceeded)",
+                spec.timeout.as_secs()
+            ),
+        ),
     }
 }
 
@@ -1056,20 +1303,27 @@ async fn proxy_listener(addr: SocketAddr, table: ProxyTable) {
             return;
         }
     };
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as usize);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as usize);
     let rng = Arc::new(AtomicUsize::new(seed));
     while let Ok((mut inbound, _)) = listener.accept().await {
         let table = table.clone();
         let rng = rng.clone();
         tokio::spawn(async move {
-            let eps = table.read().map(|t| t.get(&addr).cloned().unwrap_or_default()).unwrap_or_default();
+            let eps = table
+                .read()
+                .map(|t| t.get(&addr).cloned().unwrap_or_default())
+                .unwrap_or_default();
             if eps.is_empty() {
                 return; // no ready endpoint: the connection is closed, like kube-proxy's reject.
             }
             let start = next_random(&rng) % eps.len();
             for i in 0..eps.len() {
                 let ep = eps[(start + i) % eps.len()];
-                if let Ok(Ok(mut outbound)) = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(ep)).await {
+                if let Ok(Ok(mut outbound)) =
+                    tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(ep)).await
+                {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     return;
                 }
@@ -1094,12 +1348,12 @@ fn teardown(sim: &Mutex<Sim>, grace: Duration) {
     loop {
         let mut alive = 0;
         for p in s.pods.values_mut() {
-            if let Some(c) = p.container.as_mut() {
-                if matches!(c.child.try_wait(), Ok(None)) {
-                    alive += 1;
-                    if Instant::now() >= deadline {
-                        send(c.pid, Signal::SIGKILL);
-                    }
+            if let Some(c) = p.container.as_mut()
+                && matches!(c.child.try_wait(), Ok(None))
+            {
+                alive += 1;
+                if Instant::now() >= deadline {
+                    send(c.pid, Signal::SIGKILL);
                 }
             }
         }
@@ -1128,7 +1382,10 @@ pub fn run_daemon(cfg: DaemonConfig, yaml: &str) -> Result<()> {
     let mut next_service_ip = 11u8;
     let services = services_of(&manifests, &[], &mut next_service_ip)?;
     fs::create_dir_all(&cfg.state_dir)?;
-    fs::write(cfg.state_dir.join("daemon.pid"), std::process::id().to_string())?;
+    fs::write(
+        cfg.state_dir.join("daemon.pid"),
+        std::process::id().to_string(),
+    )?;
     net::create_cluster_network(&cfg.name).inspect_err(|_| {
         let _ = super::cleanup::force_down(&cfg.name, &cfg.state_dir, false);
     })?;
@@ -1138,7 +1395,10 @@ pub fn run_daemon(cfg: DaemonConfig, yaml: &str) -> Result<()> {
         }
     }
     net::enter(&net::cluster_ns(&cfg.name))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let (probe_tx, probe_rx) = mpsc::unbounded_channel();
     let sim = Sim {
         cfg: cfg.clone(),
@@ -1165,19 +1425,37 @@ pub fn run_daemon(cfg: DaemonConfig, yaml: &str) -> Result<()> {
     result
 }
 
-async fn daemon_main(sim: Arc<Mutex<Sim>>, mut probe_rx: mpsc::UnboundedReceiver<ProbeResult>) -> Result<()> {
+async fn daemon_main(
+    sim: Arc<Mutex<Sim>>,
+    mut probe_rx: mpsc::UnboundedReceiver<ProbeResult>,
+) -> Result<()> {
     let (zone, proxy, sock, name) = {
         let mut s = sim.lock().map_err(|_| anyhow!("state lock poisoned"))?;
         s.publish();
         let sts = s.sts.name.clone();
-        let msg = format!("{} replicas, {}, serviceName {:?}", s.sts.replicas, if s.sts.parallel { "Parallel" } else { "OrderedReady" }, s.sts.service_name);
+        let msg = format!(
+            "{} replicas, {}, serviceName {:?}",
+            s.sts.replicas,
+            if s.sts.parallel {
+                "Parallel"
+            } else {
+                "OrderedReady"
+            },
+            s.sts.service_name
+        );
         s.event(&format!("statefulset/{sts}"), "Created", msg);
-        (s.zone.clone(), s.proxy.clone(), s.cfg.state_dir.join("ctl.sock"), s.cfg.name.clone())
+        (
+            s.zone.clone(),
+            s.proxy.clone(),
+            s.cfg.state_dir.join("ctl.sock"),
+            s.cfg.name.clone(),
+        )
     };
     let dns_addr = SocketAddr::from((net::DNS_IP, 53));
     let dns_task = tokio::spawn(dns::serve(dns_addr, zone));
     let _ = fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     let (down_tx, mut down_rx) = mpsc::unbounded_channel::<()>();
     let ctl_sim = sim.clone();
     tokio::spawn(async move {

@@ -73,21 +73,36 @@ impl Zone {
         for svc in services {
             let base = format!("{}.{}.svc.{d}", svc.name, svc.namespace).to_ascii_lowercase();
             z.add_name(&base);
-            let eps: Vec<_> = svc.endpoints(pods).into_iter().filter(|e| svc.publishes(e)).collect();
+            let eps: Vec<_> = svc
+                .endpoints(pods)
+                .into_iter()
+                .filter(|e| svc.publishes(e))
+                .collect();
             match svc.cluster_ip {
                 Some(ip) => {
                     z.a.entry(base.clone()).or_default().push(ip);
-                    z.ptr.entry(reverse_name(ip)).or_default().push(base.clone());
+                    z.ptr
+                        .entry(reverse_name(ip))
+                        .or_default()
+                        .push(base.clone());
                     for p in &svc.ports {
                         if let Some(name) = &p.name {
-                            let owner = format!("_{name}._{}.{base}", p.protocol).to_ascii_lowercase();
+                            let owner =
+                                format!("_{name}._{}.{base}", p.protocol).to_ascii_lowercase();
                             z.add_name(&owner);
-                            z.srv.entry(owner).or_default().push((0, 100, p.port, base.clone()));
+                            z.srv
+                                .entry(owner)
+                                .or_default()
+                                .push((0, 100, p.port, base.clone()));
                         }
                     }
                 }
                 None => {
-                    let weight = if eps.is_empty() { 0 } else { (100 / eps.len()).max(1) as u16 };
+                    let weight = if eps.is_empty() {
+                        0
+                    } else {
+                        (100 / eps.len()).max(1) as u16
+                    };
                     for ep in &eps {
                         let host = ep.hostname.clone().unwrap_or_else(|| dashed(ep.ip));
                         let target = format!("{host}.{base}").to_ascii_lowercase();
@@ -95,13 +110,24 @@ impl Zone {
                         z.a.entry(base.clone()).or_default().push(ep.ip);
                         z.a.entry(target.clone()).or_default().push(ep.ip);
                         if ep.hostname.is_some() {
-                            z.ptr.entry(reverse_name(ep.ip)).or_default().push(target.clone());
+                            z.ptr
+                                .entry(reverse_name(ep.ip))
+                                .or_default()
+                                .push(target.clone());
                         }
                         for (p, port) in svc.ports.iter().zip(&ep.target_ports) {
-                            let (Some(name), Some(port)) = (&p.name, port) else { continue };
-                            let owner = format!("_{name}._{}.{base}", p.protocol).to_ascii_lowercase();
+                            let (Some(name), Some(port)) = (&p.name, port) else {
+                                continue;
+                            };
+                            let owner =
+                                format!("_{name}._{}.{base}", p.protocol).to_ascii_lowercase();
                             z.add_name(&owner);
-                            z.srv.entry(owner).or_default().push((0, weight, *port, target.clone()));
+                            z.srv.entry(owner).or_default().push((
+                                0,
+                                weight,
+                                *port,
+                                target.clone(),
+                            ));
                         }
                     }
                 }
@@ -137,7 +163,10 @@ impl Zone {
 
     /// The A records of a name (for tests and `get`).
     pub fn lookup_a(&self, name: &str) -> Vec<Ipv4Addr> {
-        self.a.get(&name.to_ascii_lowercase()).cloned().unwrap_or_default()
+        self.a
+            .get(&name.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn soa(&self) -> Record {
@@ -164,7 +193,9 @@ impl Zone {
         // CoreDNS answers as a recursive resolver would (RA set); clients such
         // as nslookup warn otherwise.
         resp.metadata.recursion_available = true;
-        if request.metadata.op_code != OpCode::Query || request.metadata.message_type != MessageType::Query {
+        if request.metadata.op_code != OpCode::Query
+            || request.metadata.message_type != MessageType::Query
+        {
             resp.metadata.response_code = ResponseCode::NotImp;
             return resp;
         }
@@ -175,7 +206,11 @@ impl Zone {
         resp.add_query(query.clone());
         let qname = query.name().clone();
         let owner = qname.to_ascii().to_ascii_lowercase();
-        let owner = if owner.ends_with('.') { owner } else { format!("{owner}.") };
+        let owner = if owner.ends_with('.') {
+            owner
+        } else {
+            format!("{owner}.")
+        };
         let qtype = query.query_type();
         if query.query_class() != DNSClass::IN && query.query_class() != DNSClass::ANY {
             resp.metadata.response_code = ResponseCode::Refused;
@@ -189,7 +224,11 @@ impl Zone {
                     if matches!(qtype, RecordType::PTR | RecordType::ANY) {
                         for t in targets {
                             if let Ok(n) = Name::from_str(t) {
-                                resp.add_answer(Record::from_rdata(qname.clone(), self.ttl, RData::PTR(PTR(n))));
+                                resp.add_answer(Record::from_rdata(
+                                    qname.clone(),
+                                    self.ttl,
+                                    RData::PTR(PTR(n)),
+                                ));
                             }
                         }
                     }
@@ -213,7 +252,9 @@ impl Zone {
         }
         if matches!(qtype, RecordType::SRV | RecordType::ANY) {
             for (prio, weight, port, target) in self.srv.get(&owner).into_iter().flatten() {
-                let Ok(tname) = Name::from_str(target) else { continue };
+                let Ok(tname) = Name::from_str(target) else {
+                    continue;
+                };
                 resp.add_answer(Record::from_rdata(
                     qname.clone(),
                     self.ttl,
@@ -240,7 +281,10 @@ fn respond(zone: &SharedZone, packet: &[u8], udp: bool) -> Option<Vec<u8>> {
     let request = Message::from_vec(packet).ok()?;
     let zone = zone.read().ok()?.clone();
     let response = zone.answer(&request);
-    let limit = request.edns.as_ref().map_or(512, |e| usize::from(e.max_payload().max(512)));
+    let limit = request
+        .edns
+        .as_ref()
+        .map_or(512, |e| usize::from(e.max_payload().max(512)));
     let bytes = response.to_vec().ok()?;
     if udp && bytes.len() > limit {
         // Too big for this UDP answer: truncated, so the client retries over TCP.
@@ -251,22 +295,34 @@ fn respond(zone: &SharedZone, packet: &[u8], udp: bool) -> Option<Vec<u8>> {
 
 /// Serves DNS on `addr` (UDP and TCP) until the task is dropped.
 pub async fn serve(addr: SocketAddr, zone: SharedZone) -> Result<()> {
-    let udp = UdpSocket::bind(addr).await.with_context(|| format!("binding DNS UDP socket {addr}"))?;
-    let tcp = TcpListener::bind(addr).await.with_context(|| format!("binding DNS TCP socket {addr}"))?;
+    let udp = UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("binding DNS UDP socket {addr}"))?;
+    let tcp = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding DNS TCP socket {addr}"))?;
     let tcp_zone = zone.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = tcp.accept().await {
             let zone = tcp_zone.clone();
             tokio::spawn(async move {
                 loop {
-                    let Ok(len) = stream.read_u16().await else { return };
+                    let Ok(len) = stream.read_u16().await else {
+                        return;
+                    };
                     let mut buf = vec![0u8; usize::from(len)];
                     if stream.read_exact(&mut buf).await.is_err() {
                         return;
                     }
-                    let Some(out) = respond(&zone, &buf, false) else { return };
-                    let Ok(out_len) = u16::try_from(out.len()) else { return };
-                    if stream.write_u16(out_len).await.is_err() || stream.write_all(&out).await.is_err() {
+                    let Some(out) = respond(&zone, &buf, false) else {
+                        return;
+                    };
+                    let Ok(out_len) = u16::try_from(out.len()) else {
+                        return;
+                    };
+                    if stream.write_u16(out_len).await.is_err()
+                        || stream.write_all(&out).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -345,34 +401,98 @@ mod tests {
 
     #[test]
     fn table_of_kubernetes_names() {
-        let pods = vec![pod(0, true, "tally-headless"), pod(1, false, "tally-headless")];
+        let pods = vec![
+            pod(0, true, "tally-headless"),
+            pod(1, false, "tally-headless"),
+        ];
         let z = Zone::build("cluster.local", 30, &services(), &pods);
         let cases: &[(&str, RecordType, ResponseCode, usize)] = &[
-            ("tally-headless.default.svc.cluster.local.", RecordType::A, ResponseCode::NoError, 2),
-            ("tally-1.tally-headless.default.svc.cluster.local.", RecordType::A, ResponseCode::NoError, 1),
-            ("tally.default.svc.cluster.local.", RecordType::A, ResponseCode::NoError, 1),
-            ("_http._tcp.tally-headless.default.svc.cluster.local.", RecordType::SRV, ResponseCode::NoError, 2),
-            ("_http._tcp.tally.default.svc.cluster.local.", RecordType::SRV, ResponseCode::NoError, 1),
-            ("tally-2.tally-headless.default.svc.cluster.local.", RecordType::A, ResponseCode::NXDomain, 0),
-            ("tally-1.tally-headless.default.svc.cluster.local.", RecordType::AAAA, ResponseCode::NoError, 0),
-            ("nothing.default.svc.cluster.local.", RecordType::A, ResponseCode::NXDomain, 0),
-            ("tally-1.tally-headless.", RecordType::A, ResponseCode::NXDomain, 0),
+            (
+                "tally-headless.default.svc.cluster.local.",
+                RecordType::A,
+                ResponseCode::NoError,
+                2,
+            ),
+            (
+                "tally-1.tally-headless.default.svc.cluster.local.",
+                RecordType::A,
+                ResponseCode::NoError,
+                1,
+            ),
+            (
+                "tally.default.svc.cluster.local.",
+                RecordType::A,
+                ResponseCode::NoError,
+                1,
+            ),
+            (
+                "_http._tcp.tally-headless.default.svc.cluster.local.",
+                RecordType::SRV,
+                ResponseCode::NoError,
+                2,
+            ),
+            (
+                "_http._tcp.tally.default.svc.cluster.local.",
+                RecordType::SRV,
+                ResponseCode::NoError,
+                1,
+            ),
+            (
+                "tally-2.tally-headless.default.svc.cluster.local.",
+                RecordType::A,
+                ResponseCode::NXDomain,
+                0,
+            ),
+            (
+                "tally-1.tally-headless.default.svc.cluster.local.",
+                RecordType::AAAA,
+                ResponseCode::NoError,
+                0,
+            ),
+            (
+                "nothing.default.svc.cluster.local.",
+                RecordType::A,
+                ResponseCode::NXDomain,
+                0,
+            ),
+            (
+                "tally-1.tally-headless.",
+                RecordType::A,
+                ResponseCode::NXDomain,
+                0,
+            ),
         ];
         for (name, t, code, n) in cases {
             let r = ask(&z, name, *t);
             assert_eq!(r.metadata.response_code, *code, "{name} {t}");
             assert_eq!(r.answers.len(), *n, "{name} {t}: {:?}", r.answers);
         }
-        let srv = ask(&z, "_http._tcp.tally-headless.default.svc.cluster.local.", RecordType::SRV);
-        assert_eq!(srv.additionals.len(), 2, "SRV targets' A records go in Additional");
+        let srv = ask(
+            &z,
+            "_http._tcp.tally-headless.default.svc.cluster.local.",
+            RecordType::SRV,
+        );
+        assert_eq!(
+            srv.additionals.len(),
+            2,
+            "SRV targets' A records go in Additional"
+        );
     }
 
     #[test]
     fn client_service_has_only_ready_pods_and_wrong_subdomain_has_no_hostnames() {
         let pods = vec![pod(0, true, "other"), pod(1, false, "other")];
         let z = Zone::build("cluster.local", 5, &services(), &pods);
-        assert_eq!(z.lookup_a("tally-0.tally-headless.default.svc.cluster.local.").len(), 0);
-        assert_eq!(z.lookup_a("10-244-1-10.tally-headless.default.svc.cluster.local.").len(), 1);
+        assert_eq!(
+            z.lookup_a("tally-0.tally-headless.default.svc.cluster.local.")
+                .len(),
+            0
+        );
+        assert_eq!(
+            z.lookup_a("10-244-1-10.tally-headless.default.svc.cluster.local.")
+                .len(),
+            1
+        );
         let eps = services()[1].endpoints(&pods);
         assert_eq!(eps.iter().filter(|e| e.ready).count(), 1);
     }

@@ -34,12 +34,17 @@ impl Manifests {
     pub fn parse(yaml: &str) -> Result<Self> {
         let mut out = Manifests::default();
         for (index, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-            let value = serde_yaml::Value::deserialize(doc)
-                .with_context(|| format!("rendered manifest document #{index} is not valid YAML"))?;
+            let value = serde_yaml::Value::deserialize(doc).with_context(|| {
+                format!("rendered manifest document #{index} is not valid YAML")
+            })?;
             if value.is_null() {
                 continue;
             }
-            let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+            let kind = value
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or("")
+                .to_string();
             let name = value
                 .get("metadata")
                 .and_then(|m| m.get("name"))
@@ -57,10 +62,18 @@ impl Manifests {
             }
             let ctx = || format!("rendered {kind} {name:?} does not match the Kubernetes schema");
             match kind.as_str() {
-                "StatefulSet" => out.stateful_sets.push(serde_yaml::from_value(value).with_context(ctx)?),
-                "Service" => out.services.push(serde_yaml::from_value(value).with_context(ctx)?),
-                "ConfigMap" => out.config_maps.push(serde_yaml::from_value(value).with_context(ctx)?),
-                "Secret" => out.secrets.push(serde_yaml::from_value(value).with_context(ctx)?),
+                "StatefulSet" => out
+                    .stateful_sets
+                    .push(serde_yaml::from_value(value).with_context(ctx)?),
+                "Service" => out
+                    .services
+                    .push(serde_yaml::from_value(value).with_context(ctx)?),
+                "ConfigMap" => out
+                    .config_maps
+                    .push(serde_yaml::from_value(value).with_context(ctx)?),
+                "Secret" => out
+                    .secrets
+                    .push(serde_yaml::from_value(value).with_context(ctx)?),
                 "" => bail!("rendered manifest document #{index} has no `kind`"),
                 _ => out.ignored.push(format!("{kind}/{name}")),
             }
@@ -106,17 +119,25 @@ impl Manifests {
     /// The namespace everything lives in: the StatefulSet's, else `default`
     /// (what `helm template` without `--namespace` means).
     pub fn namespace(&self) -> String {
-        self.stateful_set().metadata.namespace.clone().unwrap_or_else(|| "default".to_string())
+        self.stateful_set()
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string())
     }
 
     /// A ConfigMap by name.
     pub fn config_map(&self, name: &str) -> Option<&ConfigMap> {
-        self.config_maps.iter().find(|c| c.metadata.name.as_deref() == Some(name))
+        self.config_maps
+            .iter()
+            .find(|c| c.metadata.name.as_deref() == Some(name))
     }
 
     /// A Secret by name.
     pub fn secret(&self, name: &str) -> Option<&Secret> {
-        self.secrets.iter().find(|s| s.metadata.name.as_deref() == Some(name))
+        self.secrets
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
     }
 
     /// One key of a ConfigMap (`data`, then `binaryData`).
@@ -125,7 +146,10 @@ impl Manifests {
         if let Some(v) = cm.data.as_ref().and_then(|d| d.get(key)) {
             return Some(v.as_bytes().to_vec());
         }
-        cm.binary_data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone())
+        cm.binary_data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| b.0.clone())
     }
 
     /// All keys of a ConfigMap.
@@ -148,13 +172,17 @@ impl Manifests {
         if let Some(v) = s.string_data.as_ref().and_then(|d| d.get(key)) {
             return Some(v.as_bytes().to_vec());
         }
-        s.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone())
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| b.0.clone())
     }
 
     /// All keys of a Secret.
     pub fn secret_entries(&self, name: &str) -> Option<Vec<(String, Vec<u8>)>> {
         let s = self.secret(name)?;
-        let mut out: std::collections::BTreeMap<String, Vec<u8>> = std::collections::BTreeMap::new();
+        let mut out: std::collections::BTreeMap<String, Vec<u8>> =
+            std::collections::BTreeMap::new();
         for (k, v) in s.data.iter().flatten() {
             out.insert(k.clone(), v.0.clone());
         }

@@ -64,7 +64,12 @@ pub struct ClusterOptions {
 
 impl ClusterOptions {
     /// Defaults: DNS TTL 30 s, back-off 10 s, `cluster.local`.
-    pub fn new(name: &str, sim_exe: impl Into<PathBuf>, tally_bin: impl Into<PathBuf>, manifests: String) -> Self {
+    pub fn new(
+        name: &str,
+        sim_exe: impl Into<PathBuf>,
+        tally_bin: impl Into<PathBuf>,
+        manifests: String,
+    ) -> Self {
         ClusterOptions {
             name: name.to_string(),
             sim_exe: sim_exe.into(),
@@ -132,7 +137,8 @@ impl Cluster {
                 opts.tally_bin.display()
             );
         }
-        fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        fs::create_dir_all(&state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
         let manifests = state_dir.join("manifests.yaml");
         fs::write(&manifests, &opts.manifests)?;
         let log = fs::File::create(state_dir.join("daemon.log"))?;
@@ -150,7 +156,10 @@ impl Cluster {
             .arg(opts.restart_backoff.as_millis().to_string())
             .arg("--domain")
             .arg(&opts.domain)
-            .env("TALLY_SIM_HOME", state_dir.parent().unwrap_or(Path::new("/")))
+            .env(
+                "TALLY_SIM_HOME",
+                state_dir.parent().unwrap_or(Path::new("/")),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -159,8 +168,13 @@ impl Cluster {
         } else {
             cmd.arg("--parent-pid").arg(std::process::id().to_string());
         }
-        let child = cmd.spawn().with_context(|| format!("starting {}", opts.sim_exe.display()))?;
-        let tracked = Arc::new(Mutex::new(Tracked { pids: vec![child.id()], inodes: HashSet::new() }));
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", opts.sim_exe.display()))?;
+        let tracked = Arc::new(Mutex::new(Tracked {
+            pids: vec![child.id()],
+            inodes: HashSet::new(),
+        }));
         let mut cluster = Cluster {
             name: opts.name.clone(),
             state_dir,
@@ -174,9 +188,13 @@ impl Cluster {
             if cluster.status().is_ok() {
                 break;
             }
-            let exited = cluster.daemon.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let exited = cluster
+                .daemon
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
-                let log = fs::read_to_string(cluster.state_dir.join("daemon.log")).unwrap_or_default();
+                let log =
+                    fs::read_to_string(cluster.state_dir.join("daemon.log")).unwrap_or_default();
                 let _ = cluster.down();
                 bail!("the simulator daemon did not come up: {}", log.trim());
             }
@@ -225,7 +243,8 @@ impl Cluster {
                             t.pids.push(p);
                         }
                     }
-                    t.inodes.extend(cleanup::ns_inodes(&cleanup::namespaces(&self.name)));
+                    t.inodes
+                        .extend(cleanup::ns_inodes(&cleanup::namespaces(&self.name)));
                 }
                 Ok(*s)
             }
@@ -251,7 +270,12 @@ impl Cluster {
 
     /// Waits until `check` holds on the status, or fails after `timeout`
     /// with the last status table and `what`.
-    pub fn wait_until(&self, what: &str, timeout: Duration, mut check: impl FnMut(&ClusterStatus) -> bool) -> Result<ClusterStatus> {
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&ClusterStatus) -> bool,
+    ) -> Result<ClusterStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             let s = self.status()?;
@@ -263,7 +287,14 @@ impl Cluster {
                     "timed out after {:?} waiting for {what}:\n{}\nrecent events:\n{}",
                     timeout,
                     controller::render_table(&s),
-                    self.events()?.iter().rev().take(15).rev().map(|e| format!("{:8.2}s {} {} {}", e.t, e.object, e.reason, e.message)).collect::<Vec<_>>().join("\n")
+                    self.events()?
+                        .iter()
+                        .rev()
+                        .take(15)
+                        .rev()
+                        .map(|e| format!("{:8.2}s {} {} {}", e.t, e.object, e.reason, e.message))
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -276,30 +307,44 @@ impl Cluster {
         self.wait_until("all replicas Ready", timeout, |s| {
             s.pods.len() as u32 == s.replicas
                 && s.ready_replicas == s.replicas
-                && s.pods.iter().all(|p| p.revision == s.update_revision && p.phase == "Running")
+                && s.pods
+                    .iter()
+                    .all(|p| p.revision == s.update_revision && p.phase == "Running")
         })
     }
 
     /// GET through the client Service, from the client namespace.
     pub fn curl(&self, path: &str) -> Result<HttpResponse> {
         let s = self.status()?;
-        let addr = s
-            .client_service
-            .ok_or_else(|| anyhow!("the rendered chart has no ClusterIP Service selecting the pods"))?;
+        let addr = s.client_service.ok_or_else(|| {
+            anyhow!("the rendered chart has no ClusterIP Service selecting the pods")
+        })?;
         net::http_get_in(&s.client_netns, addr.parse()?, path, Duration::from_secs(5))
     }
 
     /// GET straight to a pod (its IP, port `port`), from the client namespace.
     pub fn pod_get(&self, pod: &str, port: u16, path: &str) -> Result<HttpResponse> {
         let s = self.status()?;
-        let p = s.pods.iter().find(|p| p.name == pod).ok_or_else(|| anyhow!("no pod {pod}"))?;
-        net::http_get_in(&s.client_netns, (p.ip, port).into(), path, Duration::from_secs(5))
+        let p = s
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .ok_or_else(|| anyhow!("no pod {pod}"))?;
+        net::http_get_in(
+            &s.client_netns,
+            (p.ip, port).into(),
+            path,
+            Duration::from_secs(5),
+        )
     }
 
     /// `kubectl exec POD -- argv`.
     pub fn exec(&self, pod: &str, argv: &[&str]) -> Result<Output> {
         Command::new(&self.sim_exe)
-            .env("TALLY_SIM_HOME", self.state_dir.parent().unwrap_or(Path::new("/")))
+            .env(
+                "TALLY_SIM_HOME",
+                self.state_dir.parent().unwrap_or(Path::new("/")),
+            )
             .args(["--name", &self.name, "exec", pod, "--"])
             .args(argv)
             .stdin(Stdio::null())
@@ -309,7 +354,8 @@ impl Cluster {
 
     /// Deletes a pod.
     pub fn delete_pod(&self, pod: &str) -> Result<()> {
-        self.request(&Request::DeletePod { pod: pod.into() }).map(drop)
+        self.request(&Request::DeletePod { pod: pod.into() })
+            .map(drop)
     }
 
     /// Scales the StatefulSet.
@@ -319,7 +365,9 @@ impl Cluster {
 
     /// Applies a new rendering (`upgrade`).
     pub fn apply(&self, manifests: &str) -> Result<String> {
-        match self.request(&Request::Apply { manifests: manifests.into() })? {
+        match self.request(&Request::Apply {
+            manifests: manifests.into(),
+        })? {
             Response::Ok(m) => Ok(m),
             other => Err(anyhow!("unexpected answer {other:?}")),
         }
@@ -330,7 +378,8 @@ impl Cluster {
         match self.request(&Request::PodInfo { pod: pod.into() })? {
             Response::PodInfo(info) => {
                 let path = if previous {
-                    info.previous_log.ok_or_else(|| anyhow!("pod {pod} has no previous container"))?
+                    info.previous_log
+                        .ok_or_else(|| anyhow!("pod {pod} has no previous container"))?
                 } else {
                     info.log
                 };
@@ -369,10 +418,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if !self.down {
-            if let Err(e) = self.down() {
-                eprintln!("tally-sim: teardown of cluster {} failed: {e:#}", self.name);
-            }
+        if !self.down
+            && let Err(e) = self.down()
+        {
+            eprintln!("tally-sim: teardown of cluster {} failed: {e:#}", self.name);
         }
     }
 }

@@ -61,7 +61,11 @@ pub fn ip(args: &[&str]) -> Result<()> {
         .output()
         .map_err(|e| anyhow!("could not run `ip` ({e}); install iproute2"))?;
     if !out.status.success() {
-        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -72,9 +76,25 @@ pub fn create_cluster_network(cluster: &str) -> Result<()> {
     ip(&["netns", "add", &cns])?;
     ip(&["-n", &cns, "link", "set", "lo", "up"])?;
     ip(&["-n", &cns, "link", "add", "br0", "type", "bridge"])?;
-    ip(&["-n", &cns, "addr", "add", &format!("{GATEWAY}/{POD_PREFIX}"), "dev", "br0"])?;
+    ip(&[
+        "-n",
+        &cns,
+        "addr",
+        "add",
+        &format!("{GATEWAY}/{POD_PREFIX}"),
+        "dev",
+        "br0",
+    ])?;
     ip(&["-n", &cns, "link", "set", "br0", "up"])?;
-    ip(&["-n", &cns, "addr", "add", &format!("{DNS_IP}/32"), "dev", "lo"])?;
+    ip(&[
+        "-n",
+        &cns,
+        "addr",
+        "add",
+        &format!("{DNS_IP}/32"),
+        "dev",
+        "lo",
+    ])?;
     attach(cluster, &client_ns(cluster), "vclient", CLIENT_IP)?;
     Ok(())
 }
@@ -85,17 +105,43 @@ pub fn attach(cluster: &str, ns: &str, veth: &str, addr: Ipv4Addr) -> Result<()>
     let cns = cluster_ns(cluster);
     ip(&["netns", "add", ns])?;
     ip(&["-n", ns, "link", "set", "lo", "up"])?;
-    ip(&["-n", &cns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+    ip(&[
+        "-n", &cns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
     ip(&["-n", &cns, "link", "set", veth, "master", "br0", "up"])?;
-    ip(&["-n", ns, "addr", "add", &format!("{addr}/{POD_PREFIX}"), "dev", "eth0"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/{POD_PREFIX}"),
+        "dev",
+        "eth0",
+    ])?;
     ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-    ip(&["-n", ns, "route", "add", "default", "via", &GATEWAY.to_string()])?;
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &GATEWAY.to_string(),
+    ])?;
     Ok(())
 }
 
 /// Adds a Service address to the cluster namespace.
 pub fn add_service_ip(cluster: &str, addr: Ipv4Addr) -> Result<()> {
-    ip(&["-n", &cluster_ns(cluster), "addr", "add", &format!("{addr}/32"), "dev", "lo"])
+    ip(&[
+        "-n",
+        &cluster_ns(cluster),
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "lo",
+    ])
 }
 
 /// Deletes a namespace (its veth goes with it); missing is fine.
@@ -109,8 +155,10 @@ pub fn delete_ns(ns: &str) -> Result<()> {
 /// Moves the calling thread into a network namespace: everything it opens
 /// afterwards (sockets) lives there. Use on a dedicated thread.
 pub fn enter(ns: &str) -> Result<()> {
-    let f = std::fs::File::open(ns_path(ns)).with_context(|| format!("network namespace {ns} does not exist"))?;
-    setns(&f, CloneFlags::CLONE_NEWNET).with_context(|| format!("joining network namespace {ns}"))?;
+    let f = std::fs::File::open(ns_path(ns))
+        .with_context(|| format!("network namespace {ns} does not exist"))?;
+    setns(&f, CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("joining network namespace {ns}"))?;
     Ok(())
 }
 
@@ -126,18 +174,25 @@ pub struct HttpResponse {
 /// One blocking HTTP/1.1 GET with `Connection: close` (a new connection per
 /// request, so a Service spreads requests over its endpoints).
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpResponse> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nUser-Agent: tally-sim\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nUser-Agent: tally-sim\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).with_context(|| format!("reading the answer of {addr}{path}"))?;
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("reading the answer of {addr}{path}"))?;
     parse_response(&raw).with_context(|| format!("answer of GET {addr}{path}"))
 }
 
 fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
     let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header in {} bytes", raw.len()))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP header in {} bytes", raw.len()))?;
     let status: u16 = head
         .split_whitespace()
         .nth(1)
@@ -147,14 +202,20 @@ fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked { dechunk(body) } else { body.to_string() };
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Ok(HttpResponse { status, body })
 }
 
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -166,7 +227,12 @@ fn dechunk(mut body: &str) -> String {
 
 /// [`http_get`] from inside network namespace `ns` (on a short-lived thread,
 /// so the caller's thread stays where it is).
-pub fn http_get_in(ns: &str, addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpResponse> {
+pub fn http_get_in(
+    ns: &str,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<HttpResponse> {
     let ns = ns.to_string();
     let path = path.to_string();
     std::thread::spawn(move || {
@@ -185,7 +251,10 @@ mod tests {
     fn parses_plain_and_chunked_answers() {
         let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi").unwrap();
         assert_eq!((r.status, r.body.as_str()), (200, "hi"));
-        let r = parse_response(b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
+        let r = parse_response(
+            b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!((r.status, r.body.as_str()), (503, "abcde"));
     }
 }

@@ -27,7 +27,7 @@ use k8s_openapi::api::core::v1::{Container, PodTemplateSpec, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
-use nix::unistd::{Gid, Uid, chown, pivot_root, sethostname, setgroups, setresgid, setresuid};
+use nix::unistd::{Gid, Uid, chown, pivot_root, setgroups, sethostname, setresgid, setresuid};
 use serde::{Deserialize, Serialize};
 
 use super::manifest::Manifests;
@@ -180,7 +180,9 @@ fn image_repository(image: &str) -> &str {
 
 fn port_of(container: &Container, port: &IntOrString, what: &str) -> Result<u16> {
     match port {
-        IntOrString::Int(n) => u16::try_from(*n).map_err(|_| anyhow!("{what}: port {n} is out of range")),
+        IntOrString::Int(n) => {
+            u16::try_from(*n).map_err(|_| anyhow!("{what}: port {n} is out of range"))
+        }
         IntOrString::String(name) => container
             .ports
             .iter()
@@ -198,15 +200,23 @@ fn secs(v: Option<i32>, default: i32) -> Duration {
 fn probe(container: &Container, p: Option<&Probe>, what: &str) -> Result<Option<ProbeSpec>> {
     let Some(p) = p else { return Ok(None) };
     let action = if let Some(h) = &p.http_get {
-        if h.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case("HTTP")) {
-            bail!("{what}: only HTTP httpGet probes are modelled, not {:?}", h.scheme);
+        if h.scheme
+            .as_deref()
+            .is_some_and(|s| !s.eq_ignore_ascii_case("HTTP"))
+        {
+            bail!(
+                "{what}: only HTTP httpGet probes are modelled, not {:?}",
+                h.scheme
+            );
         }
         ProbeAction::Http {
             port: port_of(container, &h.port, what)?,
             path: h.path.clone().unwrap_or_else(|| "/".into()),
         }
     } else if let Some(t) = &p.tcp_socket {
-        ProbeAction::Tcp { port: port_of(container, &t.port, what)? }
+        ProbeAction::Tcp {
+            port: port_of(container, &t.port, what)?,
+        }
     } else {
         bail!("{what}: only httpGet and tcpSocket probes are modelled (exec and grpc are not)");
     };
@@ -215,8 +225,12 @@ fn probe(container: &Container, p: Option<&Probe>, what: &str) -> Result<Option<
         initial_delay: secs(p.initial_delay_seconds, 0),
         period: secs(p.period_seconds, 10).max(Duration::from_secs(1)),
         timeout: secs(p.timeout_seconds, 1).max(Duration::from_secs(1)),
-        failure_threshold: u32::try_from(p.failure_threshold.unwrap_or(3)).unwrap_or(3).max(1),
-        success_threshold: u32::try_from(p.success_threshold.unwrap_or(1)).unwrap_or(1).max(1),
+        failure_threshold: u32::try_from(p.failure_threshold.unwrap_or(3))
+            .unwrap_or(3)
+            .max(1),
+        success_threshold: u32::try_from(p.success_threshold.unwrap_or(1))
+            .unwrap_or(1)
+            .max(1),
     }))
 }
 
@@ -300,7 +314,10 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
     }
     let container = match spec.containers.as_slice() {
         [one] => one,
-        other => bail!("the simulator runs pods with exactly one container; the template has {}", other.len()),
+        other => bail!(
+            "the simulator runs pods with exactly one container; the template has {}",
+            other.len()
+        ),
     };
     let what = format!("container {:?} of pod {}", container.name, f.pod_name);
     let image = container.image.clone().unwrap_or_default();
@@ -315,27 +332,46 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
         ("PATH".into(), IMAGE_PATH.into()),
         ("HOSTNAME".into(), f.pod_name.into()),
     ];
-    let labels = f.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
-    let annotations = f.template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
+    let labels = f
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let annotations = f
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let entries = if let Some(cm) = &from.config_map_ref {
             match f.manifests.config_map_entries(&cm.name) {
                 Some(e) => e,
                 None if cm.optional == Some(true) => vec![],
-                None => bail!("{what}: envFrom ConfigMap {:?} is not in the rendered chart", cm.name),
+                None => bail!(
+                    "{what}: envFrom ConfigMap {:?} is not in the rendered chart",
+                    cm.name
+                ),
             }
         } else if let Some(s) = &from.secret_ref {
             match f.manifests.secret_entries(&s.name) {
                 Some(e) => e,
                 None if s.optional == Some(true) => vec![],
-                None => bail!("{what}: envFrom Secret {:?} is not in the rendered chart", s.name),
+                None => bail!(
+                    "{what}: envFrom Secret {:?} is not in the rendered chart",
+                    s.name
+                ),
             }
         } else {
             vec![]
         };
         for (k, v) in entries {
-            env.push((format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned()));
+            env.push((
+                format!("{prefix}{k}"),
+                String::from_utf8_lossy(&v).into_owned(),
+            ));
         }
     }
     for var in container.env.iter().flatten() {
@@ -353,10 +389,18 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
                     "status.podIP" | "status.podIPs" => f.pod_ip.to_string(),
                     "status.hostIP" | "status.hostIPs" => f.pod_ip.to_string(),
                     "spec.nodeName" => "tally-sim-node".to_string(),
-                    "spec.serviceAccountName" => spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
-                    _ => match label_of(&labels, "metadata.labels['").or_else(|| label_of(&annotations, "metadata.annotations['")) {
+                    "spec.serviceAccountName" => spec
+                        .service_account_name
+                        .clone()
+                        .unwrap_or_else(|| "default".into()),
+                    _ => match label_of(&labels, "metadata.labels['")
+                        .or_else(|| label_of(&annotations, "metadata.annotations['"))
+                    {
                         Some(v) => v,
-                        None => bail!("{what}: env {}: fieldRef {path:?} is not modelled", var.name),
+                        None => bail!(
+                            "{what}: env {}: fieldRef {path:?} is not modelled",
+                            var.name
+                        ),
                     },
                 }
             } else if let Some(r) = &src.config_map_key_ref {
@@ -365,7 +409,9 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
                     None if r.optional == Some(true) => continue,
                     None => bail!(
                         "{what}: env {} refers to key {:?} of ConfigMap {:?}, which the rendered chart does not have",
-                        var.name, r.key, r.name
+                        var.name,
+                        r.key,
+                        r.name
                     ),
                 }
             } else if let Some(r) = &src.secret_key_ref {
@@ -374,11 +420,16 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
                     None if r.optional == Some(true) => continue,
                     None => bail!(
                         "{what}: env {} refers to key {:?} of Secret {:?}, which the rendered chart does not have",
-                        var.name, r.key, r.name
+                        var.name,
+                        r.key,
+                        r.name
                     ),
                 }
             } else {
-                bail!("{what}: env {}: only value, fieldRef, configMapKeyRef and secretKeyRef are modelled", var.name);
+                bail!(
+                    "{what}: env {}: only value, fieldRef, configMapKeyRef and secretKeyRef are modelled",
+                    var.name
+                );
             }
         } else {
             expand(var.value.as_deref().unwrap_or(""), &env)
@@ -399,7 +450,9 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
     let gid = csc.run_as_group.or(psc.run_as_group).unwrap_or(0);
     let non_root = csc.run_as_non_root.or(psc.run_as_non_root).unwrap_or(false);
     if non_root && uid == 0 {
-        bail!("{what}: runAsNonRoot is set but the container would run as uid 0 (CreateContainerConfigError)");
+        bail!(
+            "{what}: runAsNonRoot is set but the container would run as uid 0 (CreateContainerConfigError)"
+        );
     }
     let fs_group = psc.fs_group.map(|g| g as u32);
     let mut groups: Vec<u32> = fs_group.into_iter().collect();
@@ -416,9 +469,20 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
             let entries = match f.manifests.config_map_entries(&cm.name) {
                 Some(e) => e,
                 None if cm.optional == Some(true) => vec![],
-                None => bail!("volume {:?}: ConfigMap {:?} is not in the rendered chart", vol.name, cm.name),
+                None => bail!(
+                    "volume {:?}: ConfigMap {:?} is not in the rendered chart",
+                    vol.name,
+                    cm.name
+                ),
             };
-            write_items(&dir, &entries, cm.items.as_deref(), mode, fs_group, &vol.name)?;
+            write_items(
+                &dir,
+                &entries,
+                cm.items.as_deref(),
+                mode,
+                fs_group,
+                &vol.name,
+            )?;
         } else if let Some(sec) = &vol.secret {
             fs::create_dir_all(&dir)?;
             let mode = sec.default_mode.unwrap_or(0o644) as u32;
@@ -426,9 +490,19 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
             let entries = match f.manifests.secret_entries(&name) {
                 Some(e) => e,
                 None if sec.optional == Some(true) => vec![],
-                None => bail!("volume {:?}: Secret {name:?} is not in the rendered chart", vol.name),
+                None => bail!(
+                    "volume {:?}: Secret {name:?} is not in the rendered chart",
+                    vol.name
+                ),
             };
-            write_items(&dir, &entries, sec.items.as_deref(), mode, fs_group, &vol.name)?;
+            write_items(
+                &dir,
+                &entries,
+                sec.items.as_deref(),
+                mode,
+                fs_group,
+                &vol.name,
+            )?;
         } else if vol.empty_dir.is_some() {
             fs::create_dir_all(&dir)?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))?;
@@ -441,7 +515,11 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
                     volumes.insert(vol.name.clone(), d.clone());
                     continue;
                 }
-                None => bail!("volume {:?}: PersistentVolumeClaim {:?} is not modelled", vol.name, pvc.claim_name),
+                None => bail!(
+                    "volume {:?}: PersistentVolumeClaim {:?} is not modelled",
+                    vol.name,
+                    pvc.claim_name
+                ),
             }
         } else {
             bail!(
@@ -486,9 +564,16 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
         });
     }
     // The image: the local build at the entrypoint's path.
-    mounts.push(MountSpec { source: f.tally_bin.clone(), target: PathBuf::from(ENTRYPOINT), read_only: true });
+    mounts.push(MountSpec {
+        source: f.tally_bin.clone(),
+        target: PathBuf::from(ENTRYPOINT),
+        read_only: true,
+    });
 
-    let fqdn = format!("{}.{}.{}.svc.{}", f.pod_name, f.subdomain, f.namespace, f.domain);
+    let fqdn = format!(
+        "{}.{}.{}.svc.{}",
+        f.pod_name, f.subdomain, f.namespace, f.domain
+    );
     let files = vec![
         (
             PathBuf::from("/etc/resolv.conf"),
@@ -515,12 +600,28 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| u16::try_from(p.container_port).ok().map(|n| (p.name.clone(), n)))
+        .filter_map(|p| {
+            u16::try_from(p.container_port)
+                .ok()
+                .map(|n| (p.name.clone(), n))
+        })
         .collect();
     let probes = Probes {
-        startup: probe(container, container.startup_probe.as_ref(), &format!("{what} startupProbe"))?,
-        liveness: probe(container, container.liveness_probe.as_ref(), &format!("{what} livenessProbe"))?,
-        readiness: probe(container, container.readiness_probe.as_ref(), &format!("{what} readinessProbe"))?,
+        startup: probe(
+            container,
+            container.startup_probe.as_ref(),
+            &format!("{what} startupProbe"),
+        )?,
+        liveness: probe(
+            container,
+            container.liveness_probe.as_ref(),
+            &format!("{what} livenessProbe"),
+        )?,
+        readiness: probe(
+            container,
+            container.readiness_probe.as_ref(),
+            &format!("{what} readinessProbe"),
+        )?,
     };
     Ok(PodPlan {
         launch: LaunchSpec {
@@ -558,8 +659,15 @@ fn write_items(
                 let (_, bytes) = entries
                     .iter()
                     .find(|(k, _)| *k == item.key)
-                    .ok_or_else(|| anyhow!("volume {volume:?}: item key {:?} does not exist", item.key))?;
-                write_file(&dir.join(&item.path), bytes, item.mode.map_or(mode, |m| m as u32), gid)?;
+                    .ok_or_else(|| {
+                        anyhow!("volume {volume:?}: item key {:?} does not exist", item.key)
+                    })?;
+                write_file(
+                    &dir.join(&item.path),
+                    bytes,
+                    item.mode.map_or(mode, |m| m as u32),
+                    gid,
+                )?;
             }
         }
         None => {
@@ -579,8 +687,14 @@ fn inside(root: &Path, path: &Path) -> PathBuf {
 }
 
 fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .with_context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .with_context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
     if read_only {
         mount(
             None::<&str>,
@@ -598,26 +712,54 @@ fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
 /// a single-threaded process started by the simulator as root). Never returns
 /// on success: the process is replaced by the container's command.
 pub fn pod_init(spec: &LaunchSpec) -> Result<Infallible> {
-    let netns = fs::File::open(&spec.netns).with_context(|| format!("opening {}", spec.netns.display()))?;
+    let netns =
+        fs::File::open(&spec.netns).with_context(|| format!("opening {}", spec.netns.display()))?;
     setns(&netns, CloneFlags::CLONE_NEWNET).context("joining the pod's network namespace")?;
     drop(netns);
-    unshare(CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWNS).context("creating UTS and mount namespaces")?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .context("making mounts private")?;
+    unshare(CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWNS)
+        .context("creating UTS and mount namespaces")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making mounts private")?;
     sethostname(&spec.hostname).context("setting the hostname")?;
 
     // The root filesystem: the host's `/` as a read-only lower layer, writes
     // go to a tmpfs that lives only as long as this mount namespace.
     fs::create_dir_all(&spec.scratch)?;
-    mount(Some("tmpfs"), &spec.scratch, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
-        .context("mounting the container's scratch tmpfs")?;
-    let (upper, work, root) = (spec.scratch.join("upper"), spec.scratch.join("work"), spec.scratch.join("root"));
+    mount(
+        Some("tmpfs"),
+        &spec.scratch,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .context("mounting the container's scratch tmpfs")?;
+    let (upper, work, root) = (
+        spec.scratch.join("upper"),
+        spec.scratch.join("work"),
+        spec.scratch.join("root"),
+    );
     for d in [&upper, &work, &root] {
         fs::create_dir_all(d)?;
     }
-    let opts = format!("lowerdir=/,upperdir={},workdir={}", upper.display(), work.display());
-    mount(Some("overlay"), &root, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
-        .context("mounting the container's root overlay")?;
+    let opts = format!(
+        "lowerdir=/,upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .context("mounting the container's root overlay")?;
     for sys in ["/dev", "/proc", "/sys"] {
         let target = inside(&root, Path::new(sys));
         fs::create_dir_all(&target)?;
@@ -635,10 +777,10 @@ pub fn pod_init(spec: &LaunchSpec) -> Result<Infallible> {
     }
     for m in &spec.mounts {
         let target = inside(&root, &m.target);
-        if let Ok(meta) = fs::symlink_metadata(&target) {
-            if meta.file_type().is_symlink() {
-                fs::remove_file(&target)?;
-            }
+        if let Ok(meta) = fs::symlink_metadata(&target)
+            && meta.file_type().is_symlink()
+        {
+            fs::remove_file(&target)?;
         }
         if m.source.is_dir() {
             fs::create_dir_all(&target)?;
@@ -701,10 +843,18 @@ fn exec_command(argv: &[String], env: &[(String, String)], workdir: &str) -> any
 /// Runs `argv` inside the running container whose main process is `pid`
 /// (its network, UTS and mount namespaces), as its user, with its
 /// environment, like `kubectl exec`. Never returns on success.
-pub fn exec_in(pid: u32, uid: u32, gid: u32, groups: &[u32], env: &[(String, String)], argv: &[String]) -> Result<Infallible> {
+pub fn exec_in(
+    pid: u32,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    env: &[(String, String)],
+    argv: &[String],
+) -> Result<Infallible> {
     let open = |ns: &str| {
-        fs::File::open(format!("/proc/{pid}/ns/{ns}"))
-            .with_context(|| format!("the container process {pid} is gone (opening its {ns} namespace)"))
+        fs::File::open(format!("/proc/{pid}/ns/{ns}")).with_context(|| {
+            format!("the container process {pid} is gone (opening its {ns} namespace)")
+        })
     };
     let (net, uts, mnt) = (open("net")?, open("uts")?, open("mnt")?);
     setns(&net, CloneFlags::CLONE_NEWNET).context("joining the pod's network namespace")?;
@@ -733,8 +883,14 @@ mod tests {
 
     #[test]
     fn image_repository_strips_tag_and_digest() {
-        assert_eq!(image_repository("ghcr.io/tally-dev/tally:0.1.0"), "ghcr.io/tally-dev/tally");
-        assert_eq!(image_repository("localhost:5000/tally@sha256:abc"), "localhost:5000/tally");
+        assert_eq!(
+            image_repository("ghcr.io/tally-dev/tally:0.1.0"),
+            "ghcr.io/tally-dev/tally"
+        );
+        assert_eq!(
+            image_repository("localhost:5000/tally@sha256:abc"),
+            "localhost:5000/tally"
+        );
         assert_eq!(image_repository("tally"), "tally");
     }
 }
