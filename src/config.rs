@@ -57,6 +57,7 @@ settings! {
     "fanout_deadline_ms", "TALLY_FANOUT_DEADLINE_MS", "1000", "Time limit for the whole fan-out to the siblings, in milliseconds";
     "refresh_interval_ms", "TALLY_REFRESH_INTERVAL_MS", "5000", "Background refresh of the cluster view, in milliseconds (0: off)";
     "peer_token_file", "TALLY_PEER_TOKEN_FILE", "", "File holding the shared token siblings must present (empty: no token)";
+    "shutdown_delay_ms", "TALLY_SHUTDOWN_DELAY_MS", "2000", "After SIGTERM, milliseconds of failing readiness while still serving, so the pod leaves the Service first";
     "shutdown_grace_s", "TALLY_SHUTDOWN_GRACE_S", "10", "Seconds in-flight requests get to finish after SIGTERM";
     "max_connections", "TALLY_MAX_CONNECTIONS", "1024", "Most client connections served at once";
     "request_timeout_ms", "TALLY_REQUEST_TIMEOUT_MS", "10000", "Time limit for one request, in milliseconds";
@@ -183,6 +184,8 @@ pub struct Config {
     pub refresh_interval: Option<Duration>,
     /// File with the shared peer token; `None` = peer route is open.
     pub peer_token_file: Option<PathBuf>,
+    /// After SIGTERM, how long to keep serving with readiness failing.
+    pub shutdown_delay: Duration,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_grace: Duration,
     /// Cap on concurrent client connections.
@@ -392,6 +395,7 @@ impl Raw {
                 (!every.is_zero()).then_some(every)
             },
             peer_token_file: self.get("peer_token_file", |v| Ok(optional(v).map(PathBuf::from)))?,
+            shutdown_delay: self.millis("shutdown_delay_ms", 0)?,
             shutdown_grace: self.get("shutdown_grace_s", |v| {
                 number(v, 0).map(Duration::from_secs)
             })?,

@@ -2,6 +2,7 @@
 //! discovery, cluster view, HTTP server — and runs it until SIGTERM/SIGINT.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::TcpListener;
 
@@ -130,6 +131,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         metrics,
         timezone: config.timezone.clone(),
         peer_token: token,
+        stopping: AtomicBool::new(false),
     });
     tracing::info!(
         %addr,
@@ -145,19 +147,36 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         header_read_timeout: config.header_read_timeout,
         grace: config.shutdown_grace,
     };
+    // The shutdown sequence, before the listener closes: fail readiness and
+    // keep serving for the delay (SIGTERM only: Kubernetes needs a moment to
+    // take the pod out of the Service; Ctrl-C does not), then freeze the
+    // count (queued visits commit, later ones get 503), persist, and hand
+    // the final state to the siblings while the peer route still answers.
+    let stopping = async {
+        let signal = shutdown::signal_received().await;
+        app.stopping.store(true, Ordering::Relaxed);
+        if signal == "SIGTERM" && !config.shutdown_delay.is_zero() {
+            tracing::info!(
+                signal,
+                delay_ms = config.shutdown_delay.as_millis() as u64,
+                "shutdown requested: readiness fails, still serving"
+            );
+            tokio::time::sleep(config.shutdown_delay).await;
+        } else {
+            tracing::info!(signal, "shutdown requested");
+        }
+        store.close().await;
+        cluster.persist().await;
+        cluster.goodbye().await;
+    };
     let drained = server::serve(
         listener,
-        http::router(app, config.request_timeout),
+        http::router(app.clone(), config.request_timeout),
         limits,
-        async {
-            let signal = shutdown::signal_received().await;
-            tracing::info!(signal, "shutdown requested");
-        },
+        stopping,
     )
     .await;
     drop(background);
-    store.close().await;
-    cluster.persist().await;
     tracing::info!(count = store.count(), drained, "stopped");
     Ok(())
 }

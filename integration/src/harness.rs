@@ -99,6 +99,8 @@ impl TallyOptions {
             .env("TALLY_LOG_LEVEL", "info")
             .env("TALLY_DATA_DIR", &self.data_dir)
             .env("TALLY_LISTEN", self.listen.to_string())
+            // Tests stop pods often; the readiness delay is for Kubernetes.
+            .env("TALLY_SHUTDOWN_DELAY_MS", "0")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(&self.args)
             .stdin(Stdio::null());

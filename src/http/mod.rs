@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +25,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::metrics::{Metrics, RouteLabels};
 use crate::peers::Cluster;
-use crate::peers::wire::PEER_PATH;
+use crate::peers::wire::{MAX_PEER_BODY, PEER_PATH, PeerState};
 use crate::store::{Store, StoreError};
 
 /// What every handler needs.
@@ -39,6 +39,8 @@ pub struct App {
     pub timezone: (String, TimeZone),
     /// Token the peer route requires, if any.
     pub peer_token: Option<String>,
+    /// Set on SIGTERM: readiness fails so the pod leaves the Service.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 /// The whole API.
@@ -52,7 +54,12 @@ pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/health", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route(PEER_PATH, get(peer_state))
+        .route(
+            PEER_PATH,
+            get(peer_state)
+                .put(receive_state)
+                .layer(DefaultBodyLimit::max(MAX_PEER_BODY)),
+        )
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try / or /visits/total\n") })
         .layer(middleware::from_fn(explain_405))
@@ -192,6 +199,13 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+        )
+            .into_response();
+    }
     match app.store.health() {
         Ok(()) => "ready\n".into_response(),
         Err(reason) => (
@@ -213,23 +227,50 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-async fn peer_state(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    if let Some(token) = &app.peer_token {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-            .unwrap_or_default();
-        if !bool::from(presented.ct_eq(token.as_bytes())) {
-            app.metrics.peer_auth_failures.inc();
-            return Err(ApiError::Unauthorized);
-        }
+/// The peer token check, in constant time.
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &app.peer_token else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if bool::from(presented.ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        app.metrics.peer_auth_failures.inc();
+        Err(ApiError::Unauthorized)
     }
+}
+
+async fn peer_state(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
     Ok(axum::Json(app.cluster.peer_state()).into_response())
+}
+
+/// A sibling's final state, handed over as it shuts down.
+async fn receive_state(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    let state: PeerState = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("not a peer state: {e}")))?;
+    app.cluster
+        .receive(state)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Refuses request bodies: no route takes one, and reading them would only
 /// cost memory.
 async fn refuse_bodies(request: Request, next: Next) -> Response {
+    // The one exception: a sibling's final state (size-limited there).
+    if request.method() == axum::http::Method::PUT && request.uri().path() == PEER_PATH {
+        return next.run(request).await;
+    }
     let headers = request.headers();
     let has_body = headers.contains_key(header::TRANSFER_ENCODING)
         || headers

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, header};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -48,7 +48,7 @@ impl FetchError {
 /// Fetches `/peer/state` from siblings.
 #[derive(Clone)]
 pub struct PeerClient {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpConnector, Full<Bytes>>,
     /// `Authorization: Bearer …` value when a peer token is configured.
     authorization: Option<String>,
 }
@@ -75,16 +75,46 @@ impl PeerClient {
             .unwrap_or(Err(FetchError::Timeout(limit.as_millis())))
     }
 
-    async fn fetch_unbounded(&self, addr: SocketAddr) -> Result<PeerState, FetchError> {
-        let mut request = Request::get(format!("http://{addr}{PEER_PATH}"))
+    /// Hands this pod's final state to a sibling (`PUT`), so its last
+    /// visits are known even if nobody fetched them before it went away.
+    pub async fn push(
+        &self,
+        addr: SocketAddr,
+        state: Bytes,
+        limit: Duration,
+    ) -> Result<(), FetchError> {
+        let send = async {
+            let response = self.send(http::Method::PUT, addr, state).await?;
+            match response.status() {
+                StatusCode::OK | StatusCode::NO_CONTENT => Ok(()),
+                status => Err(FetchError::Status(status)),
+            }
+        };
+        tokio::time::timeout(limit, send)
+            .await
+            .unwrap_or(Err(FetchError::Timeout(limit.as_millis())))
+    }
+
+    async fn send(
+        &self,
+        method: http::Method,
+        addr: SocketAddr,
+        body: Bytes,
+    ) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{PEER_PATH}"))
             .header(header::ACCEPT, "application/json");
+        if !body.is_empty() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
         if let Some(value) = &self.authorization {
             request = request.header(header::AUTHORIZATION, value);
         }
         let request = request
-            .body(Empty::new())
+            .body(Full::new(body))
             .map_err(|e| FetchError::Connect(e.to_string()))?;
-        let response = self.client.request(request).await.map_err(|e| {
+        self.client.request(request).await.map_err(|e| {
             let mut message = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(inner) = source {
@@ -92,7 +122,11 @@ impl PeerClient {
                 source = inner.source();
             }
             FetchError::Connect(message)
-        })?;
+        })
+    }
+
+    async fn fetch_unbounded(&self, addr: SocketAddr) -> Result<PeerState, FetchError> {
+        let response = self.send(http::Method::GET, addr, Bytes::new()).await?;
         if response.status() != StatusCode::OK {
             return Err(FetchError::Status(response.status()));
         }

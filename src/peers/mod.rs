@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::discovery::{Discovery, Peer};
-use crate::merge::{Counter, Entry, Key};
+use crate::merge::{Counter, Entry, Key, MergeError};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::store::Store;
 use crate::store::file::{self, AtomicFile, FileError};
@@ -227,6 +227,67 @@ impl Cluster {
             }
             Err(error) => tracing::error!(%error, "peer persister panicked"),
         }
+    }
+
+    /// Merges a state a sibling handed over on its way out (`PUT` on the
+    /// peer route), with the same checks as a fetched one.
+    pub fn receive(&self, mut state: PeerState) -> Result<(), MergeError> {
+        let me = self.my_entry();
+        let from = Key {
+            pod: state.pod.clone(),
+            incarnation: state.incarnation.clone(),
+        };
+        let mut counter = self.inner.counter.lock().expect("poisoned");
+        counter.check(&from, &state.entries, &me)?;
+        let now = unix_now();
+        for e in state.entries.iter_mut().filter(|e| e.key() == from) {
+            e.seen_unix = now;
+        }
+        if counter.merge(&state.entries) {
+            self.inner.changed.notify_one();
+        }
+        Ok(())
+    }
+
+    /// On the way out: hands this pod's final state to every sibling, so a
+    /// pod that is scaled away or replaced leaves its last count behind even
+    /// if nobody fetched it since its last visits. Bounded by the deadline.
+    pub async fn goodbye(&self) {
+        let Some(discovery) = &self.inner.discovery else {
+            return;
+        };
+        let deadline = self.inner.limits.deadline;
+        let started = Instant::now();
+        let Ok(members) = tokio::time::timeout(deadline, discovery.members()).await else {
+            tracing::warn!("no DNS answer in time to hand the final count over");
+            return;
+        };
+        let body = bytes::Bytes::from(serde_json::to_vec(&self.peer_state()).expect("serialises"));
+        let pushes = members
+            .peers
+            .iter()
+            .filter(|p| p.pod != self.inner.pod)
+            .map(|peer| {
+                let limit = self
+                    .inner
+                    .limits
+                    .peer_timeout
+                    .min(deadline.saturating_sub(started.elapsed()));
+                let push = self.inner.client.push(peer.addr, body.clone(), limit);
+                async move { (peer, push.await) }
+            });
+        let results = futures::future::join_all(pushes).await;
+        let handed = results.iter().filter(|(_, r)| r.is_ok()).count();
+        for (peer, result) in &results {
+            if let Err(error) = result {
+                tracing::warn!(peer = %peer.pod, %error, "could not hand the final count over");
+            }
+        }
+        tracing::info!(
+            count = self.inner.store.count(),
+            siblings = handed,
+            "final count handed over"
+        );
     }
 
     async fn persist_forever(self) {
