@@ -597,6 +597,25 @@ mod tests {
     }
 
     #[test]
+    fn readme_table_lists_every_setting_with_its_default() {
+        let readme = include_str!("../README.md");
+        for s in SETTINGS {
+            let start = format!("| `{}` | `--{}` | `{}` | ", s.key, flag_name(s.key), s.env);
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&start))
+                .unwrap_or_else(|| panic!("README.md has no row starting {start}"));
+            if !s.default.is_empty() {
+                assert!(
+                    row.contains(&format!("| `{}` |", s.default)),
+                    "README default for {}: {row}",
+                    s.key
+                );
+            }
+        }
+    }
+
+    #[test]
     fn file_must_be_an_object_of_scalars() {
         for text in ["[1]", "{\"listen\": [1]}", "not json"] {
             let err = load(&[], &[("POD_NAME", "a-0")], Some(text)).unwrap_err();

@@ -631,7 +631,11 @@ async fn a_pod_hands_its_final_count_over_on_sigterm() {
     let mut pods = Pods::start(12, 2, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
     // Nobody ever fetches tally-1 after these visits...
     pods.visit(1, 5).await;
-    pods.pods[1].take().unwrap().terminate(Duration::from_secs(10)).unwrap();
+    pods.pods[1]
+        .take()
+        .unwrap()
+        .terminate(Duration::from_secs(10))
+        .unwrap();
     // ...and it is gone from DNS: tally-0 knows its count only because
     // tally-1 handed it over on the way out.
     pods.publish_all();
@@ -641,12 +645,18 @@ async fn a_pod_hands_its_final_count_over_on_sigterm() {
     assert_eq!(row(&view, "tally-1")[0]["source"], "cached");
 
     // A handed-over state gets the same checks as a fetched one.
-    let incarnation = row(&view, "tally-1")[0]["incarnation"].as_str().unwrap().to_string();
+    let incarnation = row(&view, "tally-1")[0]["incarnation"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let lower = format!(
         r#"{{"pod":"tally-1","incarnation":"{incarnation}","entries":[{{"pod":"tally-1","incarnation":"{incarnation}","count":2}}]}}"#
     );
     let reply = put(pods.pod(0).addr, &lower).await;
-    assert!(reply.starts_with("HTTP/1.1 400") && reply.contains("never go down"), "{reply}");
+    assert!(
+        reply.starts_with("HTTP/1.1 400") && reply.contains("never go down"),
+        "{reply}"
+    );
     assert_eq!(pods.total(0).await.0["total"], 5);
 }
 

@@ -441,9 +441,11 @@ impl Cluster {
                 Some(Outcome::Live {
                     incarnation,
                     latency,
-                }) if *incarnation == entry.incarnation => {
-                    (Source::Live, Some(latency.as_secs_f64() * 1000.0), None)
-                }
+                }) if *incarnation == entry.incarnation => (
+                    Source::Live,
+                    Some((latency.as_secs_f64() * 1e6).round() / 1e3),
+                    None,
+                ),
                 Some(Outcome::Live { incarnation, .. }) => (
                     Source::Cached,
                     None,
