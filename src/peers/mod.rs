@@ -263,16 +263,9 @@ impl Cluster {
             return;
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&self.peer_state()).expect("serialises"));
-        let pushes = members
-            .peers
-            .iter()
-            .filter(|p| p.pod != self.inner.pod)
-            .map(|peer| {
-                let limit = self
-                    .inner
-                    .limits
-                    .peer_timeout
-                    .min(deadline.saturating_sub(started.elapsed()));
+        let pushes = self
+            .siblings(&members.peers, started + deadline)
+            .map(|(peer, limit)| {
                 let push = self.inner.client.push(peer.addr, body.clone(), limit);
                 async move { (peer, push.await) }
             });
@@ -336,6 +329,23 @@ impl Cluster {
         round.await
     }
 
+    /// The members other than this pod (a pod never calls itself), each
+    /// with its time limit: the per-peer timeout, cut to what is left of
+    /// the deadline.
+    fn siblings<'a>(
+        &'a self,
+        members: &'a [Peer],
+        deadline: Instant,
+    ) -> impl Iterator<Item = (&'a Peer, Duration)> + 'a {
+        members
+            .iter()
+            .filter(|p| p.pod != self.inner.pod)
+            .map(move |p| {
+                let left = deadline.saturating_duration_since(Instant::now());
+                (p, self.inner.limits.peer_timeout.min(left))
+            })
+    }
+
     async fn run_round(&self) -> Round {
         let Some(discovery) = &self.inner.discovery else {
             return Round::default();
@@ -353,16 +363,9 @@ impl Cluster {
                 )),
             },
         };
-        let fetches = members
-            .peers
-            .iter()
-            .filter(|p| p.pod != self.inner.pod)
-            .map(|peer| {
-                let limit = self
-                    .inner
-                    .limits
-                    .peer_timeout
-                    .min(deadline.saturating_duration_since(Instant::now()));
+        let fetches = self
+            .siblings(&members.peers, deadline)
+            .map(|(peer, limit)| {
                 let client = self.inner.client.clone();
                 let metrics = self.inner.metrics.clone();
                 async move {
