@@ -148,9 +148,10 @@ what to do about it.
 {{- define "tally.validateValues" -}}
 {{- $messages := list }}
 {{- $grace := int .Values.terminationGracePeriodSeconds }}
-{{- $tallyGrace := int .Values.config.shutdown_grace_s }}
+{{- $delay := div (add (int (.Values.config.shutdown_delay_ms | default 0)) 999) 1000 }}
+{{- $tallyGrace := add (int .Values.config.shutdown_grace_s) $delay }}
 {{- if le $grace $tallyGrace }}
-{{- $messages = append $messages (printf "terminationGracePeriodSeconds (%d) must be larger than config.shutdown_grace_s (%d), or Kubernetes kills tally before it finishes draining: raise terminationGracePeriodSeconds or lower config.shutdown_grace_s" $grace $tallyGrace) }}
+{{- $messages = append $messages (printf "terminationGracePeriodSeconds (%d) must be larger than config.shutdown_delay_ms plus config.shutdown_grace_s (%d s), or Kubernetes kills tally before it finishes draining: raise terminationGracePeriodSeconds or lower config.shutdown_grace_s" $grace $tallyGrace) }}
 {{- end }}
 {{- if and (gt (int .Values.config.peer_timeout_ms) 0) (lt (int .Values.config.fanout_deadline_ms) (int .Values.config.peer_timeout_ms)) }}
 {{- $messages = append $messages (printf "config.fanout_deadline_ms (%d) is shorter than config.peer_timeout_ms (%d), so no peer could ever answer in time: make fanout_deadline_ms at least peer_timeout_ms" (int .Values.config.fanout_deadline_ms) (int .Values.config.peer_timeout_ms)) }}

@@ -898,14 +898,20 @@ fn pods_are_hardened_by_default() {
             .pod_spec()
             .termination_grace_period_seconds
             .context("no terminationGracePeriodSeconds")?;
-        let tally_grace = r
-            .config_json()
+        let config = r.config_json();
+        let tally_grace = config
             .get("shutdown_grace_s")
             .and_then(|v| v.as_i64())
             .context("no shutdown_grace_s")?;
+        // tally's own default delay applies when the chart leaves it out.
+        let delay_ms = config
+            .get("shutdown_delay_ms")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(2000);
+        let needed = tally_grace + (delay_ms + 999) / 1000;
         ensure!(
-            grace > tally_grace,
-            "terminationGracePeriodSeconds {grace} <= shutdown_grace_s {tally_grace}"
+            grace > needed,
+            "terminationGracePeriodSeconds {grace} <= shutdown_delay_ms {delay_ms} ms + shutdown_grace_s {tally_grace}"
         );
         Ok(())
     });
