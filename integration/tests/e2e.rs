@@ -65,7 +65,10 @@ fn fast(extra: &[&str]) -> Vec<String> {
         "livenessProbe.periodSeconds=1",
         "livenessProbe.failureThreshold=2",
         "livenessProbe.timeoutSeconds=1",
-        "terminationGracePeriodSeconds=4",
+        // tally fails readiness for 2 s before it stops taking visits, as
+        // in production; the grace period must cover that plus the drain.
+        "config.shutdown_delay_ms=2000",
+        "terminationGracePeriodSeconds=6",
         "config.shutdown_grace_s=2",
         "config.dns_max_ttl_s=1",
         "config.refresh_interval_ms=1000",
