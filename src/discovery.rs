@@ -67,8 +67,10 @@ pub struct Discovery {
     resolver: TokioResolver,
     member: Member,
     info: ResolverInfo,
-    /// Last successful answer, kept through DNS outages.
-    last: Mutex<Vec<Peer>>,
+    /// Last successful answer, kept through DNS outages, and the last
+    /// failure, so each new failure (and the recovery) is logged once and
+    /// not on every fan-out.
+    last: Mutex<(Vec<Peer>, Option<String>)>,
 }
 
 impl Discovery {
@@ -123,7 +125,7 @@ impl Discovery {
             resolver,
             member,
             info,
-            last: Mutex::new(Vec::new()),
+            last: Mutex::new((Vec::new(), None)),
         })
     }
 
@@ -138,27 +140,34 @@ impl Discovery {
     /// Looks the members up now (through the capped cache).
     pub async fn members(&self) -> Members {
         let name = self.member.srv_name();
-        match self.lookup(&name).await {
+        let result = self.lookup(&name).await;
+        let mut last = self.last.lock().expect("poisoned");
+        let error = match result {
             Ok(peers) => {
-                *self.last.lock().expect("poisoned") = peers.clone();
-                Members { peers, error: None }
+                last.0 = peers;
+                None
             }
             Err(Failure::NoMembers(why)) => {
-                self.last.lock().expect("poisoned").clear();
-                Members {
-                    peers: Vec::new(),
-                    error: Some(why),
+                last.0.clear();
+                Some(why)
+            }
+            Err(Failure::Transient(why)) => Some(format!(
+                "{why}; keeping the {} last known members",
+                last.0.len()
+            )),
+        };
+        if error != last.1 {
+            match &error {
+                Some(error) => tracing::warn!(%error, "membership lookup"),
+                None => {
+                    tracing::info!(name = %name, members = last.0.len(), "membership lookup answers again")
                 }
             }
-            Err(Failure::Transient(why)) => {
-                let peers = self.last.lock().expect("poisoned").clone();
-                let error = format!("{why}; keeping the {} last known members", peers.len());
-                tracing::warn!(%error, "membership lookup failed");
-                Members {
-                    peers,
-                    error: Some(error),
-                }
-            }
+            last.1 = error.clone();
+        }
+        Members {
+            peers: last.0.clone(),
+            error,
         }
     }
 

@@ -74,6 +74,19 @@ pub enum MergeError {
     TooMany(usize),
     #[error("a sibling's state must contain its own entry {0}")]
     MissingSelf(String),
+    #[error(
+        "{0:?} is not a pod name and incarnation (a DNS label and 1-64 letters, digits or '-')"
+    )]
+    BadName(String),
+}
+
+/// Pod names are DNS labels; incarnations are short ids. Anything else in a
+/// sibling's state is refused before it reaches a page or a file.
+fn valid_key(e: &Entry) -> bool {
+    let label = |s: &str, max: usize| {
+        !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    label(&e.pod, 63) && label(&e.incarnation, 64)
 }
 
 /// The merged state.
@@ -117,6 +130,9 @@ impl Counter {
         }
         let mut seen = std::collections::HashSet::new();
         for e in entries {
+            if !valid_key(e) {
+                return Err(MergeError::BadName(format!("{}/{}", e.pod, e.incarnation)));
+            }
             if !seen.insert(e.key()) {
                 return Err(MergeError::Duplicate(format!(
                     "{}/{}",
@@ -153,6 +169,24 @@ impl Counter {
             return Err(MergeError::TooMany(self.entries.len() + new_keys));
         }
         Ok(())
+    }
+
+    /// Checks a sibling's state ([`check`](Self::check)), marks its own entry
+    /// as confirmed `now`, and merges it; returns whether anything changed.
+    pub fn absorb(
+        &mut self,
+        from: &Key,
+        entries: &[Entry],
+        me: &Entry,
+        now: u64,
+    ) -> Result<bool, MergeError> {
+        self.check(from, entries, me)?;
+        let mut changed = false;
+        for e in entries {
+            let seen = if e.key() == *from { now } else { e.seen_unix };
+            changed |= self.observe(&e.key(), e.count, seen);
+        }
+        Ok(changed)
     }
 
     /// Merges every entry by max; returns whether anything changed.
@@ -266,6 +300,14 @@ mod tests {
             ),
             (vec![e("t-1", "b", 60), e("t-1", "b", 61)], Some("twice")),
             (vec![e("t-2", "c", 60)], Some("own entry")),
+            (
+                vec![e("t-1", "b", 60), e("<script>", "c", 1)],
+                Some("not a pod name"),
+            ),
+            (
+                vec![e("t-1", "b", 60), e("t-2", &"x".repeat(65), 1)],
+                Some("not a pod name"),
+            ),
         ];
         for (entries, want) in table {
             let got = known.check(&from, &entries, &me);
@@ -277,6 +319,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn absorb_stamps_only_the_senders_own_entry() {
+        let me = e("t-0", "m", 0);
+        let mut c = Counter::default();
+        let from = e("t-1", "b", 0).key();
+        let changed = c
+            .absorb(&from, &[e("t-1", "b", 4), e("t-2", "c", 3)], &me, 99)
+            .unwrap();
+        assert!(changed);
+        assert_eq!(
+            c.get(&from).unwrap(),
+            Known {
+                count: 4,
+                seen_unix: 99
+            }
+        );
+        assert_eq!(c.get(&e("t-2", "c", 0).key()).unwrap().seen_unix, 0);
+        assert!(c.absorb(&from, &[e("t-1", "b", 3)], &me, 100).is_err());
+        assert_eq!(
+            c.get(&from).unwrap().count,
+            4,
+            "a refused state changes nothing"
+        );
     }
 
     #[test]

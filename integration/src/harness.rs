@@ -28,6 +28,14 @@ use nix::unistd::Pid;
 use crate::sim::dns::{self, SharedZone, Zone};
 use crate::sim::endpoints::{PodRec, ServicePort, ServiceRec};
 
+/// The workspace root (chart/, scripts/, .tools/ live there).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration/ sits inside the workspace")
+        .to_path_buf()
+}
+
 /// The `tally` binary under test: `$TALLY_BIN`, else `target/debug/tally`
 /// next to this test executable (build it first: `cargo build -p tally`).
 pub fn tally_bin() -> PathBuf {

@@ -33,6 +33,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
+use tally_integration::harness::{tally_bin, workspace_root};
+use tally_integration::sim::manifest::helm_binary;
 
 const NAMESPACE: &str = "tally-ci";
 /// The uid and gid the image runs as (the distroless `nonroot` user).
@@ -70,44 +72,18 @@ const KNOWN_ENV: [&str; 22] = [
 // Rendering
 // ---------------------------------------------------------------------------
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("integration/ sits inside the workspace")
-        .to_path_buf()
-}
-
 fn chart_dir() -> PathBuf {
-    workspace().join("chart")
-}
-
-fn helm() -> PathBuf {
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join("helm");
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    let local = workspace().join(".tools/bin/helm");
-    if local.is_file() {
-        return local;
-    }
-    panic!(
-        "helm is neither on PATH nor at {}: run scripts/check-chart, which installs it there",
-        local.display()
-    );
+    workspace_root().join("chart")
 }
 
 /// Runs helm and returns its standard output, or an error carrying its
 /// standard error.
 fn run_helm(args: &[&str]) -> Result<String> {
-    let out = Command::new(helm())
+    let out = Command::new(helm_binary())
         .args(args)
-        .current_dir(workspace())
+        .current_dir(workspace_root())
         .output()
-        .context("running helm")?;
+        .context("running helm: run scripts/check-chart, which installs it into .tools/bin")?;
     if !out.status.success() {
         bail!(
             "helm {} failed:\n{}",
@@ -1561,7 +1537,7 @@ fn app_version() -> String {
 
 #[test]
 fn chart_app_version_is_the_crate_version() {
-    let cargo = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap();
+    let cargo = std::fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
     // The [package] table's version (the workspace root is the tally crate).
     let package = cargo
         .split("\n[package]")
@@ -1636,18 +1612,6 @@ fn notes_give_the_commands_for_this_release() {
 // ---------------------------------------------------------------------------
 // The real binary accepts what the chart renders
 // ---------------------------------------------------------------------------
-
-fn tally_bin() -> PathBuf {
-    let path = std::env::var_os("TALLY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/debug/tally"));
-    assert!(
-        path.is_file(),
-        "the tally binary is not at {}: build it with `cargo build -p tally` (or set TALLY_BIN)",
-        path.display()
-    );
-    path
-}
 
 struct CheckConfig {
     code: Option<i32>,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hyper::StatusCode;
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tally_integration::harness::{ClusterDns, Http, Tally, TallyOptions, loopback_block};
+use tally_integration::harness::{ClusterDns, Http, Reply, Tally, TallyOptions, loopback_block};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -92,18 +92,19 @@ impl Pods {
 
     async fn visit(&self, i: usize, n: usize) {
         for _ in 0..n {
-            let reply = self.http.get(&self.pod(i).url("/")).await.unwrap();
+            let reply = self.get(i, "/").await;
             assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
         }
     }
 
+    /// GET `path` on pod `i`.
+    async fn get(&self, i: usize, path: &str) -> Reply {
+        self.http.get(&self.pod(i).url(path)).await.unwrap()
+    }
+
     async fn total(&self, i: usize) -> (Value, Duration) {
         let started = Instant::now();
-        let reply = self
-            .http
-            .get(&self.pod(i).url("/visits/total"))
-            .await
-            .unwrap();
+        let reply = self.get(i, "/visits/total").await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
         (reply.json(), started.elapsed())
     }
@@ -139,11 +140,7 @@ async fn every_pod_reports_the_exact_sum() {
             );
         }
     }
-    let text = pods
-        .http
-        .get(&pods.pod(1).url("/visits/total?format=text"))
-        .await
-        .unwrap();
+    let text = pods.get(1, "/visits/total?format=text").await;
     assert_eq!(text.body, "10\n");
 }
 
@@ -421,19 +418,11 @@ async fn hostile_peers_are_refused_and_reported_and_change_nothing() {
         if name == "tally-4" {
             assert_eq!(rows[0]["count"], 50, "{view}");
         }
-        let error = rows.first().and_then(|r| r["error"].as_str());
-        // Refused peers with no accepted state have no row; their errors
-        // are in the metrics.
-        if let Some(error) = error {
-            assert!(error.contains(why), "{name}: {error}");
-        }
+        assert_eq!(rows.len(), 1, "{name}: {view}");
+        let error = rows[0]["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{name}: {error}");
     }
-    let metrics = pods
-        .http
-        .get(&pods.pod(0).url("/metrics"))
-        .await
-        .unwrap()
-        .body;
+    let metrics = pods.get(0, "/metrics").await.body;
     for kind in ["malformed", "too_large", "invalid", "timeout"] {
         assert!(
             metrics.contains(&format!("tally_peer_errors_total{{kind=\"{kind}\"}}")),
@@ -527,12 +516,7 @@ async fn a_thousand_concurrent_totals_share_a_handful_of_fetches() {
     }
     let n = fetches.load(Ordering::SeqCst);
     assert!((1..=10).contains(&n), "{n} fetches for 1000 requests");
-    let metrics = pods
-        .http
-        .get(&pods.pod(0).url("/metrics"))
-        .await
-        .unwrap()
-        .body;
+    let metrics = pods.get(0, "/metrics").await.body;
     assert!(
         !metrics.contains("tally_total_requests_coalesced_total 0\n"),
         "{metrics}"
@@ -554,12 +538,7 @@ async fn a_pod_never_calls_itself() {
         );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let metrics = pods
-        .http
-        .get(&pods.pod(0).url("/metrics"))
-        .await
-        .unwrap()
-        .body;
+    let metrics = pods.get(0, "/metrics").await.body;
     assert!(
         !metrics.contains("route=\"/peer/state\""),
         "tally-0 fetched itself:\n{metrics}"
@@ -608,18 +587,9 @@ async fn the_peer_token_is_required_when_set() {
         (Some(3), Some(true)),
         "{view}"
     );
-    let anonymous = pods
-        .http
-        .get(&pods.pod(1).url("/peer/state"))
-        .await
-        .unwrap();
+    let anonymous = pods.get(1, "/peer/state").await;
     assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
-    let metrics = pods
-        .http
-        .get(&pods.pod(1).url("/metrics"))
-        .await
-        .unwrap()
-        .body;
+    let metrics = pods.get(1, "/metrics").await.body;
     assert!(
         metrics.contains("tally_peer_auth_failures_total 1"),
         "{metrics}"

@@ -14,17 +14,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tally_integration::harness::{tally_bin, workspace_root};
 use tally_integration::sim::manifest::{Manifests, helm_template};
 use tally_integration::sim::{Cluster, ClusterOptions, cleanup, require_root};
 
 const PORT: u16 = 8080;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
 
 /// Root, helm, nslookup and the tally binary, checked (and installed) once.
 fn prerequisites() -> PathBuf {
@@ -35,22 +29,14 @@ fn prerequisites() -> PathBuf {
             let status = Command::new("bash")
                 .arg("-c")
                 .arg("source scripts/lib.sh && need_helm && need_apt dnsutils:nslookup iproute2:ip")
-                .current_dir(root())
+                .current_dir(workspace_root())
                 .status()
                 .expect("running bash");
             assert!(
                 status.success(),
                 "installing helm/dnsutils through scripts/lib.sh failed"
             );
-            let tally = std::env::var_os("TALLY_BIN")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root().join("target/debug/tally"));
-            assert!(
-                tally.is_file(),
-                "{} does not exist: build it first with `cargo build -p tally` (or set TALLY_BIN)",
-                tally.display()
-            );
-            tally
+            tally_bin()
         })
         .clone()
 }
@@ -83,7 +69,8 @@ fn fast(extra: &[&str]) -> Vec<String> {
 }
 
 fn render(extra: &[&str]) -> String {
-    helm_template(&root().join("chart"), "tally", &fast(extra)).unwrap_or_else(|e| panic!("{e:#}"))
+    helm_template(&workspace_root().join("chart"), "tally", &fast(extra))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn start(name: &str, manifests: String) -> Cluster {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
+use axum::handler::Handler;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -54,16 +55,18 @@ pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/health", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try / or /visits/total\n") })
+        // Everything above takes no body; the peer route below takes one
+        // only for a sibling's final state, size-limited.
+        .layer(middleware::from_fn(refuse_bodies))
         .route(
             PEER_PATH,
-            get(peer_state)
+            get(peer_state.layer(middleware::from_fn(refuse_bodies)))
                 .put(receive_state)
                 .layer(DefaultBodyLimit::max(MAX_PEER_BODY)),
         )
-        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try / or /visits/total\n") })
         .layer(middleware::from_fn(explain_405))
-        .layer(middleware::from_fn(refuse_bodies))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
@@ -267,10 +270,6 @@ async fn receive_state(
 /// Refuses request bodies: no route takes one, and reading them would only
 /// cost memory.
 async fn refuse_bodies(request: Request, next: Next) -> Response {
-    // The one exception: a sibling's final state (size-limited there).
-    if request.method() == axum::http::Method::PUT && request.uri().path() == PEER_PATH {
-        return next.run(request).await;
-    }
     let headers = request.headers();
     let has_body = headers.contains_key(header::TRANSFER_ENCODING)
         || headers

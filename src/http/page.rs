@@ -37,7 +37,7 @@ impl Page<'_> {
                 format!(
                     "<tr><td>{}</td><td>{}</td><td class=n>{}</td><td>{}</td></tr>",
                     escape(&p.pod),
-                    escape(&p.incarnation[..p.incarnation.len().min(8)]),
+                    escape(&p.incarnation.chars().take(8).collect::<String>()),
                     p.count,
                     p.source.as_str(),
                 )

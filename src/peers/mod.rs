@@ -16,7 +16,7 @@ pub mod wire;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -26,8 +26,8 @@ use tokio::sync::Notify;
 use crate::discovery::{Discovery, Peer};
 use crate::merge::{Counter, Entry, Key, MergeError};
 use crate::metrics::{ErrorKind, Metrics};
-use crate::store::Store;
 use crate::store::file::{self, AtomicFile, FileError};
+use crate::store::{Store, unix_now};
 use client::{FetchError, PeerClient};
 use wire::{PeerState, PodView, Source, TotalView};
 
@@ -231,19 +231,15 @@ impl Cluster {
 
     /// Merges a state a sibling handed over on its way out (`PUT` on the
     /// peer route), with the same checks as a fetched one.
-    pub fn receive(&self, mut state: PeerState) -> Result<(), MergeError> {
+    pub fn receive(&self, state: PeerState) -> Result<(), MergeError> {
         let me = self.my_entry();
-        let from = Key {
-            pod: state.pod.clone(),
-            incarnation: state.incarnation.clone(),
-        };
-        let mut counter = self.inner.counter.lock().expect("poisoned");
-        counter.check(&from, &state.entries, &me)?;
-        let now = unix_now();
-        for e in state.entries.iter_mut().filter(|e| e.key() == from) {
-            e.seen_unix = now;
-        }
-        if counter.merge(&state.entries) {
+        let changed = self.inner.counter.lock().expect("poisoned").absorb(
+            &sender(&state),
+            &state.entries,
+            &me,
+            unix_now(),
+        )?;
+        if changed {
             self.inner.changed.notify_one();
         }
         Ok(())
@@ -382,17 +378,23 @@ impl Cluster {
         {
             let mut counter = self.inner.counter.lock().expect("poisoned");
             for (peer, result, latency) in results {
-                let outcome = match result.and_then(|state| accept(&counter, peer, state, &me)) {
-                    Ok(mut state) => {
-                        let now = unix_now();
-                        for e in &mut state.entries {
-                            if e.pod == state.pod && e.incarnation == state.incarnation {
-                                e.seen_unix = now;
-                            }
-                        }
-                        changed |= counter.merge(&state.entries);
+                let merged = result.and_then(|state| {
+                    if state.pod != peer.pod {
+                        return Err(FetchError::Invalid(format!(
+                            "{} at {} answered as {:?}",
+                            peer.pod, peer.addr, state.pod
+                        )));
+                    }
+                    counter
+                        .absorb(&sender(&state), &state.entries, &me, unix_now())
+                        .map(|grew| (state.incarnation, grew))
+                        .map_err(|e| FetchError::Invalid(e.to_string()))
+                });
+                let outcome = match merged {
+                    Ok((incarnation, grew)) => {
+                        changed |= grew;
                         Outcome::Live {
-                            incarnation: state.incarnation,
+                            incarnation,
                             latency,
                         }
                     }
@@ -484,6 +486,23 @@ impl Cluster {
                 error,
             });
         }
+        // A member that failed and was never heard from still gets a row,
+        // so its error is reported (it adds nothing to the total).
+        for (pod, outcome) in &round.outcomes {
+            if let Outcome::Failed(error) = outcome
+                && !pods.iter().any(|p| p.pod == *pod)
+            {
+                pods.push(PodView {
+                    pod: pod.clone(),
+                    incarnation: String::new(),
+                    count: 0,
+                    source: Source::Cached,
+                    latency_ms: None,
+                    age_s: None,
+                    error: Some(error.clone()),
+                });
+            }
+        }
         let own_known = counter.get(&my_key).map_or(0, |k| k.count);
         let total = counter.total() - own_known + me.count.max(own_known);
         drop(counter);
@@ -510,34 +529,12 @@ impl Cluster {
     }
 }
 
-/// Strict checks on a sibling's answer before any of it is merged.
-fn accept(
-    counter: &Counter,
-    peer: &Peer,
-    state: PeerState,
-    me: &Entry,
-) -> Result<PeerState, FetchError> {
-    if state.pod != peer.pod {
-        return Err(FetchError::Invalid(format!(
-            "{} at {} answered as {:?}",
-            peer.pod, peer.addr, state.pod
-        )));
-    }
-    let from = Key {
+/// The key of the counter a state speaks for.
+fn sender(state: &PeerState) -> Key {
+    Key {
         pod: state.pod.clone(),
         incarnation: state.incarnation.clone(),
-    };
-    counter
-        .check(&from, &state.entries, me)
-        .map_err(|e| FetchError::Invalid(e.to_string()))?;
-    Ok(state)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    }
 }
 
 /// Background tasks of a [`Cluster`]; aborted on drop.
