@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use tally_integration::sim::control::{self, Request, Response};
-use tally_integration::sim::controller::{self, DaemonConfig};
+use tally_integration::sim::daemon::{self, DaemonConfig};
 use tally_integration::sim::manifest::helm_template;
 use tally_integration::sim::{Cluster, ClusterOptions, net, pod};
 
@@ -232,7 +232,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             let yaml = std::fs::read_to_string(&manifests)?;
-            controller::run_daemon(
+            daemon::run_daemon(
                 DaemonConfig {
                     name,
                     state_dir: dir,

@@ -12,20 +12,28 @@
 //! - [`pod`]: the kubelet's reading of a pod template, and the container
 //!   setup that runs inside the pod's namespaces (`pod-init`, `exec`).
 //! - [`net`]: network namespaces, bridge, veths, an in-namespace HTTP client.
-//! - [`controller`]: the daemon (StatefulSet controller, probes, restarts,
-//!   Service proxy, control socket).
+//! - [`daemon`]: the simulator daemon (cluster state, reconcile loop,
+//!   control socket), with its parts:
+//!   - [`statefulset`]: the StatefulSet controller;
+//!   - [`kubelet`]: containers, probes, restarts and kills;
+//!   - [`proxy`]: the Service proxy;
+//!   - [`status`]: `kubectl get`-style status tables.
 //! - [`control`]: the control protocol.
 //! - [`cleanup`]: teardown by name and the leftover check.
 //! - [`Cluster`]: a handle the tests and the `tally-sim` command use.
 
 pub mod cleanup;
 pub mod control;
-pub mod controller;
+pub mod daemon;
 pub mod dns;
 pub mod endpoints;
+pub mod kubelet;
 pub mod manifest;
 pub mod net;
 pub mod pod;
+pub mod proxy;
+pub mod statefulset;
+pub mod status;
 
 use std::collections::HashSet;
 use std::fs;
@@ -286,7 +294,7 @@ impl Cluster {
                 bail!(
                     "timed out after {:?} waiting for {what}:\n{}\nrecent events:\n{}",
                     timeout,
-                    controller::render_table(&s),
+                    status::render_table(&s),
                     self.events()?
                         .iter()
                         .rev()

@@ -1,0 +1,440 @@
+//! The simulator daemon: owns the cluster state, runs one reconcile pass
+//! every 100 ms (kubelet, StatefulSet controller, probes, publication to DNS
+//! and the Service proxy) under one lock that is never held across an
+//! `.await`, and answers the control socket.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+
+use super::control::{
+    ClaimStatus, ClusterStatus, Event, PodInfo, PodStatus, Request, Response, ServiceStatus,
+};
+use super::dns::{self, SharedZone, Zone};
+use super::endpoints::{PodRec, ServiceRec};
+use super::kubelet::{ProbeResult, SimPod, send};
+use super::manifest::Manifests;
+use super::net;
+use super::proxy::{ServiceProxy, proxy_listener};
+use super::statefulset::{StsState, services_of, sts_state};
+use super::status::render_table;
+
+/// How the daemon was started.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Cluster name (namespace prefix `tsim-<name>-`).
+    pub name: String,
+    /// State directory (socket, claims, logs, pod files).
+    pub state_dir: PathBuf,
+    /// The local build standing in for the image.
+    pub tally_bin: PathBuf,
+    /// This executable (for `pod-init`).
+    pub self_exe: PathBuf,
+    /// TTL of DNS answers.
+    pub dns_ttl: u32,
+    /// First CrashLoopBackOff delay (the kubelet's is 10 s, doubling to 5 min).
+    pub restart_backoff: Duration,
+    /// Cluster domain.
+    pub domain: String,
+}
+
+pub(super) struct Sim {
+    pub(super) cfg: DaemonConfig,
+    pub(super) start: Instant,
+    pub(super) manifests: Manifests,
+    pub(super) sts: StsState,
+    pub(super) services: Vec<ServiceRec>,
+    pub(super) pods: BTreeMap<u32, SimPod>,
+    pub(super) claims: BTreeMap<String, (Instant, String, String)>,
+    pub(super) events: Vec<Event>,
+    pub(super) next_ip: u32,
+    pub(super) next_veth: u32,
+    pub(super) next_service_ip: u8,
+    pub(super) probe_tx: mpsc::UnboundedSender<ProbeResult>,
+    pub(super) zone: SharedZone,
+    pub(super) proxy: ServiceProxy,
+}
+
+impl Sim {
+    pub(super) fn event(&mut self, object: &str, reason: &str, message: impl Into<String>) {
+        let e = Event {
+            t: self.start.elapsed().as_secs_f64(),
+            object: object.to_string(),
+            reason: reason.to_string(),
+            message: message.into(),
+        };
+        eprintln!("{:8.3}s {} {} {}", e.t, e.object, e.reason, e.message);
+        self.events.push(e);
+    }
+
+    pub(super) fn pod_recs(&self) -> Vec<PodRec> {
+        self.pods
+            .values()
+            .map(|p| PodRec {
+                name: p.name.clone(),
+                namespace: self.sts.namespace.clone(),
+                labels: p.plan.labels.clone(),
+                ip: Some(p.ip),
+                ready: p.ready,
+                terminating: p.terminating.is_some(),
+                hostname: Some(p.name.clone()),
+                subdomain: Some(self.sts.service_name.clone()),
+                container_ports: p.plan.container_ports.clone(),
+            })
+            .collect()
+    }
+
+    pub(super) fn publish(&mut self) {
+        let pods = self.pod_recs();
+        let zone = Zone::build(&self.cfg.domain, self.cfg.dns_ttl, &self.services, &pods);
+        if let Ok(mut z) = self.zone.write() {
+            *z = Arc::new(zone);
+        }
+        self.proxy.route(&self.services, &pods);
+    }
+
+    pub(super) fn reconcile(&mut self, results: Vec<ProbeResult>) {
+        for r in results {
+            self.on_probe(r);
+        }
+        self.kubelet();
+        self.statefulset();
+        self.run_probes();
+        self.publish();
+    }
+
+    pub(super) fn status(&self) -> ClusterStatus {
+        let pods = self.pod_recs();
+        let pods_status = self
+            .pods
+            .values()
+            .map(|p| PodStatus {
+                name: p.name.clone(),
+                ordinal: p.ordinal,
+                ip: p.ip,
+                ready: p.ready,
+                phase: if p.terminating.is_some() {
+                    "Terminating".into()
+                } else if let Some(w) = &p.waiting_reason {
+                    w.clone()
+                } else {
+                    "Running".into()
+                },
+                restarts: p.restarts,
+                revision: p.revision.clone(),
+                pid: p.container.as_ref().map(|c| c.pid),
+                age_s: p.created.elapsed().as_secs_f64(),
+            })
+            .collect();
+        let services = self
+            .services
+            .iter()
+            .map(|s| ServiceStatus {
+                name: s.name.clone(),
+                type_: s.type_.clone(),
+                cluster_ip: s.cluster_ip,
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol.to_ascii_uppercase()))
+                    .collect(),
+                ready_endpoints: s
+                    .endpoints(&pods)
+                    .iter()
+                    .filter(|e| e.ready)
+                    .filter_map(|e| {
+                        e.target_ports
+                            .first()
+                            .copied()
+                            .flatten()
+                            .map(|p| format!("{}:{p}", e.ip))
+                    })
+                    .collect(),
+            })
+            .collect();
+        let claims = self
+            .claims
+            .iter()
+            .map(|(name, (created, capacity, modes))| ClaimStatus {
+                name: name.clone(),
+                path: self.cfg.state_dir.join("pvc").join(name),
+                capacity: capacity.clone(),
+                access_modes: modes.clone(),
+                age_s: created.elapsed().as_secs_f64(),
+            })
+            .collect();
+        ClusterStatus {
+            name: self.cfg.name.clone(),
+            namespace: self.sts.namespace.clone(),
+            statefulset: self.sts.name.clone(),
+            service_name: self.sts.service_name.clone(),
+            replicas: self.sts.replicas,
+            ready_replicas: (0..self.sts.replicas).filter(|o| self.healthy(*o)).count() as u32,
+            pod_management_policy: if self.sts.parallel {
+                "Parallel".into()
+            } else {
+                "OrderedReady".into()
+            },
+            current_revision: self.sts.current_rev.clone(),
+            update_revision: self.sts.update_rev.clone(),
+            pods: pods_status,
+            services,
+            claims,
+            client_service: self.client_service().map(|a| a.to_string()),
+            client_netns: net::client_ns(&self.cfg.name),
+            age_s: self.start.elapsed().as_secs_f64(),
+        }
+    }
+
+    pub(super) fn table(&self) -> String {
+        render_table(&self.status())
+    }
+
+    pub(super) fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status => Response::Status(Box::new(self.status())),
+            Request::Get => Response::Text(self.table()),
+            Request::Events => Response::Events(self.events.clone()),
+            Request::PodInfo { pod } => match self.pods.values().find(|p| p.name == pod) {
+                None => Response::Error(format!("pod {pod:?} not found (see `get`)")),
+                Some(p) => match &p.container {
+                    None => Response::Error(format!(
+                        "pod {pod} has no running container (it is {:?})",
+                        p.waiting_reason
+                    )),
+                    Some(c) => Response::PodInfo(PodInfo {
+                        pid: c.pid,
+                        uid: p.plan.launch.uid,
+                        gid: p.plan.launch.gid,
+                        groups: p.plan.launch.groups.clone(),
+                        env: p.plan.launch.env.clone(),
+                        log: p.logs.last().cloned().unwrap_or_default(),
+                        previous_log: p.logs.len().checked_sub(2).map(|i| p.logs[i].clone()),
+                    }),
+                },
+            },
+            Request::DeletePod { pod } => match self
+                .pods
+                .values()
+                .find(|p| p.name == pod)
+                .map(|p| p.ordinal)
+            {
+                None => Response::Error(format!("pod {pod:?} not found (see `get`)")),
+                Some(ord) => {
+                    self.delete_pod(ord, "deleted by the user");
+                    Response::Ok(format!("pod \"{pod}\" deleted"))
+                }
+            },
+            Request::Scale { replicas } => {
+                self.sts.replicas = replicas;
+                let sts = self.sts.name.clone();
+                self.event(
+                    &format!("statefulset/{sts}"),
+                    "Scaled",
+                    format!("replicas {replicas}"),
+                );
+                Response::Ok(format!("statefulset.apps/{sts} scaled"))
+            }
+            Request::Apply { manifests } => match self.apply(&manifests) {
+                Ok(msg) => Response::Ok(msg),
+                Err(e) => Response::Error(format!("{e:#}")),
+            },
+            Request::Down => Response::Ok("down".into()),
+        }
+    }
+}
+
+/// Stops every pod (SIGTERM, then SIGKILL after at most `grace`) and removes
+/// the namespaces and the state directory.
+fn teardown(sim: &Mutex<Sim>, grace: Duration) {
+    let mut s = match sim.lock() {
+        Ok(s) => s,
+        Err(p) => p.into_inner(),
+    };
+    for p in s.pods.values_mut() {
+        if let Some(c) = &p.container {
+            send(c.pid, Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        let mut alive = 0;
+        for p in s.pods.values_mut() {
+            if let Some(c) = p.container.as_mut()
+                && matches!(c.child.try_wait(), Ok(None))
+            {
+                alive += 1;
+                if Instant::now() >= deadline {
+                    send(c.pid, Signal::SIGKILL);
+                }
+            }
+        }
+        if alive == 0 {
+            break;
+        }
+        if Instant::now() >= deadline + Duration::from_secs(5) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let name = s.cfg.name.clone();
+    let dir = s.cfg.state_dir.clone();
+    drop(s);
+    if let Err(e) = super::cleanup::force_down(&name, &dir, false) {
+        eprintln!("warning: teardown: {e:#}");
+    }
+}
+
+/// Runs the daemon for `yaml` until `down` or SIGTERM/SIGINT. Call it from a
+/// fresh single-threaded process: it moves the process into the cluster's
+/// network namespace before any thread exists.
+pub fn run_daemon(cfg: DaemonConfig, yaml: &str) -> Result<()> {
+    let manifests = Manifests::parse(yaml)?;
+    let sts = sts_state(&manifests)?;
+    let mut next_service_ip = 11u8;
+    let services = services_of(&manifests, &[], &mut next_service_ip)?;
+    fs::create_dir_all(&cfg.state_dir)?;
+    fs::write(
+        cfg.state_dir.join("daemon.pid"),
+        std::process::id().to_string(),
+    )?;
+    net::create_cluster_network(&cfg.name).inspect_err(|_| {
+        let _ = super::cleanup::force_down(&cfg.name, &cfg.state_dir, false);
+    })?;
+    for s in &services {
+        if let Some(ip) = s.cluster_ip {
+            net::add_service_ip(&cfg.name, ip)?;
+        }
+    }
+    net::enter(&net::cluster_ns(&cfg.name))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+    let sim = Sim {
+        cfg: cfg.clone(),
+        start: Instant::now(),
+        manifests,
+        sts,
+        services,
+        pods: BTreeMap::new(),
+        claims: BTreeMap::new(),
+        events: Vec::new(),
+        next_ip: 0,
+        next_veth: 0,
+        next_service_ip,
+        probe_tx,
+        zone: Arc::new(RwLock::new(Arc::new(Zone::default()))),
+        proxy: ServiceProxy::default(),
+    };
+    let sim = Arc::new(Mutex::new(sim));
+    let result = rt.block_on(daemon_main(sim.clone(), probe_rx));
+    teardown(&sim, Duration::from_secs(5));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn daemon_main(
+    sim: Arc<Mutex<Sim>>,
+    mut probe_rx: mpsc::UnboundedReceiver<ProbeResult>,
+) -> Result<()> {
+    let (zone, proxy, sock, name) = {
+        let mut s = sim.lock().map_err(|_| anyhow!("state lock poisoned"))?;
+        s.publish();
+        let sts = s.sts.name.clone();
+        let msg = format!(
+            "{} replicas, {}, serviceName {:?}",
+            s.sts.replicas,
+            if s.sts.parallel {
+                "Parallel"
+            } else {
+                "OrderedReady"
+            },
+            s.sts.service_name
+        );
+        s.event(&format!("statefulset/{sts}"), "Created", msg);
+        (
+            s.zone.clone(),
+            s.proxy.table(),
+            s.cfg.state_dir.join("ctl.sock"),
+            s.cfg.name.clone(),
+        )
+    };
+    let dns_addr = SocketAddr::from((net::DNS_IP, 53));
+    let dns_task = tokio::spawn(dns::serve(dns_addr, zone));
+    let _ = fs::remove_file(&sock);
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let (down_tx, mut down_rx) = mpsc::unbounded_channel::<()>();
+    let ctl_sim = sim.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let sim = ctl_sim.clone();
+            let down_tx = down_tx.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                if BufReader::new(r).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let response = match serde_json::from_str::<Request>(&line) {
+                    Err(e) => Response::Error(format!("bad request: {e}")),
+                    Ok(Request::Down) => {
+                        let _ = down_tx.send(());
+                        Response::Ok("tearing down".into())
+                    }
+                    Ok(req) => match sim.lock() {
+                        Ok(mut s) => s.handle(req),
+                        Err(_) => Response::Error("state lock poisoned".into()),
+                    },
+                };
+                let mut out = serde_json::to_string(&response).unwrap_or_default();
+                out.push('\n');
+                let _ = w.write_all(out.as_bytes()).await;
+            });
+        }
+    });
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    eprintln!("tally-sim {name}: up; control socket {}", sock.display());
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = sigterm.recv() => { eprintln!("SIGTERM: tearing down"); break; }
+            _ = sigint.recv() => { eprintln!("SIGINT: tearing down"); break; }
+            _ = down_rx.recv() => { eprintln!("down requested: tearing down"); break; }
+        }
+        if dns_task.is_finished() {
+            bail!("the DNS server stopped");
+        }
+        let mut results = Vec::new();
+        while let Ok(r) = probe_rx.try_recv() {
+            results.push(r);
+        }
+        let new_listeners = {
+            let mut s = sim.lock().map_err(|_| anyhow!("state lock poisoned"))?;
+            s.reconcile(results);
+            s.proxy.take_new_listeners()
+        };
+        for addr in new_listeners {
+            tokio::spawn(proxy_listener(addr, proxy.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Path of a cluster's control socket.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("ctl.sock")
+}
