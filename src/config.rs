@@ -221,24 +221,33 @@ impl Config {
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         }) {
-            Some(path) => Some(read_file(&path)?),
+            Some(path) => Some(ConfigFile::read(&path)?),
             None => None,
         };
+        Config::resolve(sources.flags, sources.env, file.as_ref())
+    }
+
+    /// Resolves every setting from flags, environment, an already parsed
+    /// config file and the defaults, in that order; validates and types it.
+    pub fn resolve(
+        flags: &[(&'static str, String)],
+        env: &dyn Fn(&str) -> Option<String>,
+        file: Option<&ConfigFile>,
+    ) -> Result<Config, ConfigError> {
         let mut raw = Raw::default();
         for setting in SETTINGS {
-            let flag = sources.flags.iter().rev().find(|(k, _)| *k == setting.key);
+            let flag = flags.iter().rev().find(|(k, _)| *k == setting.key);
             let value = if let Some((_, v)) = flag {
                 (
                     v.clone(),
                     Source::Flag(format!("--{}", flag_name(setting.key))),
                 )
-            } else if let Some(v) = (sources.env)(setting.env) {
+            } else if let Some(v) = env(setting.env) {
                 (v, Source::Env(setting.env))
-            } else if let Some((path, v)) = file
-                .as_ref()
-                .and_then(|(path, map)| map.get(setting.key).map(|v| (path, v)))
+            } else if let Some(file) = file
+                && let Some(v) = file.values.get(setting.key)
             {
-                (v.clone(), Source::File(path.clone()))
+                (v.clone(), Source::File(file.path.clone()))
             } else if setting.key == "pod_name" {
                 (hostname(), Source::Derived("the hostname"))
             } else {
@@ -255,48 +264,69 @@ pub fn flag_name(key: &str) -> String {
     key.replace('_', "-")
 }
 
-fn read_file(path: &Path) -> Result<(PathBuf, BTreeMap<String, String>), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let syntax = |reason: String| ConfigError::FileSyntax {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| syntax(e.to_string()))?;
-    let serde_json::Value::Object(object) = value else {
-        return Err(syntax(
-            "expected an object like {\"timezone\": \"UTC\"}".into(),
-        ));
-    };
-    let mut map = BTreeMap::new();
-    for (key, value) in object {
-        if !SETTINGS.iter().any(|s| s.key == key) {
-            return Err(ConfigError::UnknownKey {
-                key,
-                path: path.to_path_buf(),
-                known: SETTINGS
-                    .iter()
-                    .map(|s| s.key)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
-        let text = match value {
-            serde_json::Value::String(s) => s,
-            serde_json::Value::Number(n) => n.to_string(),
-            serde_json::Value::Bool(b) => b.to_string(),
-            other => {
-                return Err(syntax(format!(
-                    "`{key}` must be a string or a number, not {other}"
-                )));
-            }
-        };
-        map.insert(key, text);
+/// A config file's settings as text, before validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFile {
+    /// Where the file is; errors and `check-config` name it.
+    pub path: PathBuf,
+    /// Setting key → value (numbers and booleans as JSON spells them).
+    pub values: BTreeMap<String, String>,
+}
+
+impl ConfigFile {
+    /// Reads and parses the file at `path`.
+    pub fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        ConfigFile::parse(path, &bytes)
     }
-    Ok((path.to_path_buf(), map))
+
+    /// Parses a config file's bytes: a JSON object of known keys with string,
+    /// number or boolean values. `path` only names the file in errors.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<ConfigFile, ConfigError> {
+        let syntax = |reason: String| ConfigError::FileSyntax {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| syntax(e.to_string()))?;
+        let serde_json::Value::Object(object) = value else {
+            return Err(syntax(
+                "expected an object like {\"timezone\": \"UTC\"}".into(),
+            ));
+        };
+        let mut values = BTreeMap::new();
+        for (key, value) in object {
+            if !SETTINGS.iter().any(|s| s.key == key) {
+                return Err(ConfigError::UnknownKey {
+                    key,
+                    path: path.to_path_buf(),
+                    known: SETTINGS
+                        .iter()
+                        .map(|s| s.key)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+            let text = match value {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(syntax(format!(
+                        "`{key}` must be a string or a number, not {other}"
+                    )));
+                }
+            };
+            values.insert(key, text);
+        }
+        Ok(ConfigFile {
+            path: path.to_path_buf(),
+            values,
+        })
+    }
 }
 
 fn hostname() -> String {

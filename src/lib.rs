@@ -19,10 +19,14 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`shutdown`]: the SIGTERM/SIGINT signal.
 //! - [`serve`]: assembles a running pod; [`cli`]: the command line.
+//! - `fuzz` (tests and fuzzing builds only): the properties the fuzzers in
+//!   `fuzz/` and the property tests check on every decoder of outside bytes.
 
 pub mod cli;
 pub mod config;
 pub mod discovery;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
 pub mod http;
 pub mod identity;
 pub mod merge;

@@ -26,7 +26,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::metrics::{Metrics, RouteLabels};
 use crate::peers::Cluster;
-use crate::peers::wire::{MAX_PEER_BODY, PEER_PATH, PeerState};
+use crate::peers::wire::{self, MAX_PEER_BODY, PEER_PATH};
 use crate::store::{Store, StoreError};
 
 /// What every handler needs.
@@ -259,7 +259,7 @@ async fn receive_state(
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let state: PeerState = serde_json::from_slice(&body)
+    let state = wire::decode_state(&body)
         .map_err(|e| ApiError::BadRequest(format!("not a peer state: {e}")))?;
     app.cluster
         .receive(state)

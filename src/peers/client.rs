@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::wire::{MAX_PEER_BODY, PEER_PATH, PeerState};
+use super::wire::{self, MAX_PEER_BODY, PEER_PATH, PeerState};
 
 /// Why a fetch failed.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +149,6 @@ impl PeerClient {
                 }
             })?
             .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| FetchError::Malformed(e.to_string()))
+        wire::decode_state(&body).map_err(|e| FetchError::Malformed(e.to_string()))
     }
 }

@@ -19,6 +19,15 @@ pub struct PeerState {
     pub entries: Vec<Entry>,
 }
 
+/// Decodes a peer state from the bytes a sibling sent (the `GET` answer or a
+/// hand-over's body). The one decoder for peer bytes, so both paths refuse
+/// the same things; the merge checks ([`Counter::check`]) come after it.
+///
+/// [`Counter::check`]: crate::merge::Counter::check
+pub fn decode_state(bytes: &[u8]) -> Result<PeerState, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
 /// Where a row of `/visits/total` comes from.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

@@ -1,0 +1,499 @@
+//! The properties checked on every decoder that reads bytes from outside:
+//! a sibling's peer state, the store's files and the config file.
+//!
+//! Each check takes arbitrary bytes and panics when a property fails; a
+//! decoder refusing the bytes is fine, a panic or a broken invariant is not.
+//! The cargo-fuzz targets in `fuzz/` call these functions, and the property
+//! tests below call them with generated inputs on every `cargo test`, so the
+//! properties are written once. Compiled only for tests and fuzzing builds
+//! (cargo-fuzz sets `--cfg fuzzing`); the service never contains it.
+//!
+//! [`seeds`] makes the committed seed corpus (`fuzz/seeds/<target>/`) with
+//! the real encoders and [`dictionary`] the tokens libFuzzer splices in
+//! (`fuzz/dicts/<target>.dict`); a test keeps the files equal to them.
+
+use std::path::Path;
+
+use crate::config::{Config, ConfigError, ConfigFile, Source};
+use crate::merge::{Counter, Entry, Key};
+use crate::peers::StoredPeers;
+use crate::peers::wire::{self, PeerState};
+use crate::store::StoredState;
+use crate::store::file;
+
+/// The pod that receives the fuzzed peer states, and its own count.
+fn receiver() -> Entry {
+    Entry {
+        pod: "tally-0".into(),
+        incarnation: "fuzz".into(),
+        count: 1000,
+        seen_unix: 0,
+    }
+}
+
+/// When the receiver absorbs a state (fixed, so absorbing twice is the same).
+const NOW: u64 = 1_700_000_000;
+
+/// Decodes one or two peer states (a NUL byte, which JSON never contains,
+/// separates them), runs the merge checks and asserts what the cluster
+/// total relies on: a refused state changes nothing; an accepted one only
+/// raises counts; absorbing it again changes nothing (idempotent); two
+/// states absorbed in either order give one result (commutative); a state
+/// decodes to the same thing after a re-encode.
+pub fn peer_state(data: &[u8]) {
+    let states: Vec<PeerState> = data
+        .splitn(2, |&b| b == 0)
+        .filter_map(|part| wire::decode_state(part).ok())
+        .collect();
+    for state in &states {
+        let again = serde_json::to_vec(state).expect("a decoded state encodes");
+        assert_eq!(
+            wire::decode_state(&again).ok().as_ref(),
+            Some(state),
+            "re-encoded state decodes differently"
+        );
+    }
+    let me = receiver();
+    let start = Counter::default();
+    let after_each: Vec<Option<Counter>> = states
+        .iter()
+        .map(|s| absorb_checked(&start, s, &me))
+        .collect();
+    if let [a, b] = &states[..] {
+        let ab = after_each[0]
+            .as_ref()
+            .and_then(|c| absorb_checked(c, b, &me));
+        let ba = after_each[1]
+            .as_ref()
+            .and_then(|c| absorb_checked(c, a, &me));
+        if let (Some(ab), Some(ba)) = (ab, ba) {
+            assert_eq!(ab, ba, "absorbing two states depends on their order");
+        }
+    }
+}
+
+/// Absorbs `state` into a copy of `before`, asserts the single-state
+/// properties, and returns the result when the state was accepted.
+fn absorb_checked(before: &Counter, state: &PeerState, me: &Entry) -> Option<Counter> {
+    let from = Key {
+        pod: state.pod.clone(),
+        incarnation: state.incarnation.clone(),
+    };
+    let mut after = before.clone();
+    if after.absorb(&from, &state.entries, me, NOW).is_err() {
+        assert_eq!(&after, before, "a refused state changed the counter");
+        return None;
+    }
+    for old in before.entries() {
+        let now = after.get(&old.key()).expect("an entry disappeared");
+        assert!(now.count >= old.count, "{old:?} went down to {now:?}");
+    }
+    for e in &state.entries {
+        let known = after.get(&e.key()).expect("an accepted entry is missing");
+        assert!(known.count >= e.count, "{e:?} merged as {known:?}");
+    }
+    let mut twice = after.clone();
+    let changed = twice
+        .absorb(&from, &state.entries, me, NOW)
+        .expect("a state accepted once is accepted again");
+    assert!(
+        !changed && twice == after,
+        "absorbing the same state twice changed the counter"
+    );
+    Some(after)
+}
+
+/// The store's file framing and the two bodies it frames (`visits.state`
+/// and `peers.state`): any bytes decode or are refused without a panic; a
+/// decoded file re-encodes to one that decodes the same; any body
+/// round-trips exactly; a cut-short or bit-flipped file is refused (a flip
+/// may only turn a header's hex digit to the other case).
+pub fn store_file(data: &[u8]) {
+    if let Ok(body) = file::decode(data) {
+        assert_eq!(file::decode(&file::encode(&body)), Ok(body.clone()));
+        if let Ok(state) = serde_json::from_slice::<StoredState>(&body) {
+            let again = file::encode(&serde_json::to_vec(&state).expect("encodes"));
+            let back = file::decode(&again).expect("a fresh encoding decodes");
+            assert_eq!(
+                serde_json::from_slice::<StoredState>(&back).ok(),
+                Some(state)
+            );
+        }
+        if let Ok(peers) = serde_json::from_slice::<StoredPeers>(&body) {
+            let again = file::encode(&serde_json::to_vec(&peers).expect("encodes"));
+            let back = file::decode(&again).expect("a fresh encoding decodes");
+            let back: StoredPeers = serde_json::from_slice(&back).expect("decodes");
+            assert_eq!(back.entries, peers.entries);
+        }
+    }
+    let encoded = file::encode(data);
+    assert_eq!(file::decode(&encoded).as_deref(), Ok(data));
+    // One cut and one flipped bit, at places the input picks.
+    let pick = crc32fast::hash(data) as usize;
+    let cut = pick % encoded.len();
+    assert!(
+        file::decode(&encoded[..cut]).is_err(),
+        "a file cut to {cut} bytes was accepted"
+    );
+    let mut flipped = encoded.clone();
+    flipped[cut] ^= 1 << (pick / encoded.len() % 8);
+    if let Ok(body) = file::decode(&flipped) {
+        assert_eq!(
+            body, data,
+            "a flipped bit at {cut} changed the body unnoticed"
+        );
+    }
+}
+
+/// The config file parser and the validation of what it read: any bytes
+/// parse or are refused without a panic, and every error names the file,
+/// plus the key when one is at fault. With the pod name from the
+/// environment (as the chart sets it) and everything else from the file or
+/// the defaults, a refused value is always the file's, and is named so.
+pub fn config_file(data: &[u8]) {
+    let path = Path::new("fuzz-config.json");
+    let file = match ConfigFile::parse(path, data) {
+        Ok(file) => file,
+        Err(error) => {
+            let message = error.to_string();
+            assert!(message.contains("fuzz-config.json"), "{message}");
+            match error {
+                ConfigError::UnknownKey { key, .. } => {
+                    assert!(message.contains(&format!("`{key}`")), "{message}")
+                }
+                ConfigError::FileSyntax { .. } => {}
+                other => panic!("parsing bytes cannot fail with {other:?}"),
+            }
+            return;
+        }
+    };
+    let from_env = !file.values.contains_key("pod_name");
+    let env = move |key: &str| (from_env && key == "POD_NAME").then(|| "tally-0".to_string());
+    match Config::resolve(&[], &env, Some(&file)) {
+        Ok(config) => {
+            for (key, value, source) in &config.provenance {
+                if let Some(given) = file.values.get(*key) {
+                    assert_eq!((given, source), (value, &Source::File(path.into())));
+                }
+            }
+        }
+        Err(ConfigError::Invalid {
+            key,
+            value,
+            origin,
+            reason,
+        }) => {
+            assert_eq!(
+                origin,
+                Source::File(path.into()),
+                "{key}={value:?}: {reason}"
+            );
+            assert_eq!(file.values.get(key), Some(&value));
+        }
+        Err(other) => panic!("validation cannot fail with {other:?}"),
+    }
+}
+
+/// The committed seed corpus: `(target, file name, bytes)`. Valid examples
+/// come from the real encoders, plus the edge cases each decoder must
+/// refuse or survive.
+pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    let entry = |pod: &str, incarnation: &str, count| Entry {
+        pod: pod.into(),
+        incarnation: incarnation.into(),
+        count,
+        seen_unix: NOW,
+    };
+    let state = |pod: &str, incarnation: &str, entries: Vec<Entry>| {
+        serde_json::to_vec(&PeerState {
+            pod: pod.into(),
+            incarnation: incarnation.into(),
+            entries,
+        })
+        .expect("encodes")
+    };
+    let json = |s: &str| s.as_bytes().to_vec();
+    let two = |a: Vec<u8>, b: Vec<u8>| [a, vec![0], b].concat();
+    let honest = state(
+        "tally-1",
+        "a1",
+        vec![entry("tally-1", "a1", 40), entry("tally-2", "b2", 7)],
+    );
+    let other = state(
+        "tally-2",
+        "b2",
+        vec![entry("tally-2", "b2", 9), entry("tally-0", "fuzz", 3)],
+    );
+    let mut out = vec![
+        ("peer_state", "honest".into(), honest.clone()),
+        (
+            "peer_state",
+            "two-siblings".into(),
+            two(honest.clone(), other),
+        ),
+        (
+            "peer_state",
+            "regression".into(),
+            two(
+                honest,
+                state("tally-1", "a1", vec![entry("tally-1", "a1", 39)]),
+            ),
+        ),
+        (
+            "peer_state",
+            "forged-self".into(),
+            state(
+                "tally-3",
+                "c3",
+                vec![entry("tally-3", "c3", 1), entry("tally-0", "fuzz", 1001)],
+            ),
+        ),
+        (
+            "peer_state",
+            "bad-name".into(),
+            state(
+                "tally-1",
+                "a1",
+                vec![entry("tally-1", "a1", 1), entry("<b>", "x", 1)],
+            ),
+        ),
+        ("peer_state", "not-json".into(), json("{\"pod\":")),
+    ];
+    let stored = serde_json::to_vec(&StoredState {
+        incarnation: "9f0c3a".into(),
+        count: 42,
+        pod: "tally-0".into(),
+        created_unix: NOW,
+    })
+    .expect("encodes");
+    let peers = serde_json::to_vec(&StoredPeers {
+        entries: vec![entry("tally-1", "a1", 40), entry("tally-2", "b2", 7)],
+    })
+    .expect("encodes");
+    let visits = file::encode(&stored);
+    out.extend([
+        ("store_file", "visits".into(), visits.clone()),
+        ("store_file", "peers".into(), file::encode(&peers)),
+        ("store_file", "empty-body".into(), file::encode(b"")),
+        (
+            "store_file",
+            "truncated".into(),
+            visits[..visits.len() - 1].to_vec(),
+        ),
+        ("store_file", "no-header".into(), stored),
+    ]);
+    out.extend([
+        (
+            "config_file",
+            "chart".into(),
+            json(r#"{"timezone":"Europe/Paris","peer_timeout_ms":300,"durability":"group-commit","log_format":"json"}"#),
+        ),
+        ("config_file", "unknown-key".into(), json(r#"{"listne":"x"}"#)),
+        ("config_file", "bad-value".into(), json(r#"{"max_connections":0}"#)),
+        ("config_file", "nested".into(), json(r#"{"listen":[1]}"#)),
+        ("config_file", "log-filter".into(), json(r#"{"log_level":"tally[span{x=1}]=debug"}"#)),
+    ]);
+    out
+}
+
+/// Tokens of each target's format, for libFuzzer's `-dict`: JSON keys and
+/// values it would take long to guess byte by byte.
+pub fn dictionary(target: &str) -> String {
+    let quoted =
+        |words: &[&str]| -> Vec<String> { words.iter().map(|w| format!("\\\"{w}\\\"")).collect() };
+    let mut tokens = match target {
+        "peer_state" => quoted(&["pod", "incarnation", "entries", "count", "seen_unix"]),
+        "store_file" => quoted(&["incarnation", "count", "pod", "created_unix", "entries"]),
+        "config_file" => quoted(
+            &crate::config::SETTINGS
+                .iter()
+                .map(|s| s.key)
+                .collect::<Vec<_>>(),
+        ),
+        other => panic!("no dictionary for {other}"),
+    };
+    let plain: &[&str] = match target {
+        "peer_state" => &["tally-0", "fuzz", "18446744073709551615", "\\x00"],
+        "store_file" => &["tally-state v1 ", "crc32=", "len=", "\\n"],
+        _ => &[
+            "group-commit",
+            "periodic",
+            "UTC",
+            "Europe/Paris",
+            "json",
+            "info",
+            "0.0.0.0:8080",
+        ],
+    };
+    tokens.extend(plain.iter().map(|t| t.to_string()));
+    tokens.iter().map(|t| format!("\"{t}\"\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Names mostly from a small set, so generated states share keys and
+    /// exercise the merge, sometimes anything at all.
+    fn name(known: &'static [&'static str]) -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => proptest::sample::select(known).prop_map(str::to_string),
+            1 => ".{0,8}",
+        ]
+    }
+
+    /// Counts near zero, near each other and near `u64::MAX`.
+    fn count() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0..2000u64,
+            any::<u64>(),
+            (0..8u64).prop_map(|d| u64::MAX - d)
+        ]
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        (
+            name(&["tally-0", "tally-1", "tally-2"]),
+            name(&["fuzz", "a1", "b2"]),
+            count(),
+            any::<u64>(),
+        )
+            .prop_map(|(pod, incarnation, count, seen_unix)| Entry {
+                pod,
+                incarnation,
+                count,
+                seen_unix,
+            })
+    }
+
+    /// A peer state as JSON, mostly one whose sender lists itself.
+    fn state_json() -> impl Strategy<Value = Vec<u8>> {
+        (
+            entry(),
+            proptest::collection::vec(entry(), 0..5),
+            any::<bool>(),
+        )
+            .prop_map(|(own, mut entries, lists_itself)| {
+                if lists_itself {
+                    entries.push(own.clone());
+                }
+                serde_json::to_vec(&PeerState {
+                    pod: own.pod,
+                    incarnation: own.incarnation,
+                    entries,
+                })
+                .expect("encodes")
+            })
+    }
+
+    /// A config file: known keys (and a wrong one) with values of every type.
+    fn config_json() -> impl Strategy<Value = Vec<u8>> {
+        let keys: Vec<&'static str> = crate::config::SETTINGS
+            .iter()
+            .map(|s| s.key)
+            .chain(["listne"])
+            .collect();
+        let value = prop_oneof![
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<bool>().prop_map(serde_json::Value::from),
+            "[ -~]{0,12}".prop_map(serde_json::Value::from),
+            Just(serde_json::json!(["x"])),
+        ];
+        proptest::collection::btree_map(proptest::sample::select(keys), value, 0..4).prop_map(
+            |map| {
+                let object: serde_json::Map<_, _> =
+                    map.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                serde_json::to_vec(&object).expect("encodes")
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn peer_states_merge_safely(a in state_json(), b in state_json(), pair in any::<bool>()) {
+            peer_state(&if pair { [a, vec![0], b].concat() } else { a });
+        }
+
+        #[test]
+        fn peer_state_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            peer_state(&bytes);
+        }
+
+        #[test]
+        fn store_files_round_trip_and_refuse_damage(
+            body in proptest::collection::vec(any::<u8>(), 0..200),
+            incarnation in "[0-9a-f]{0,32}",
+            count in any::<u64>(),
+        ) {
+            store_file(&body);
+            let state = StoredState { incarnation, count, pod: "tally-0".into(), created_unix: NOW };
+            store_file(&file::encode(&serde_json::to_vec(&state).expect("encodes")));
+        }
+
+        #[test]
+        fn config_files_name_what_is_wrong(text in config_json()) {
+            config_file(&text);
+        }
+
+        #[test]
+        fn config_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            config_file(&bytes);
+        }
+    }
+
+    /// The committed corpus and dictionaries are what [`seeds`] and
+    /// [`dictionary`] make, file for file; `TALLY_WRITE_SEEDS=1` rewrites
+    /// them after a format change. Every seed also passes its check.
+    #[test]
+    fn seed_corpus_is_current_and_passes() {
+        let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        let mut want: Vec<(std::path::PathBuf, Vec<u8>)> = Vec::new();
+        for (target, name, bytes) in seeds() {
+            match target {
+                "peer_state" => peer_state(&bytes),
+                "store_file" => store_file(&bytes),
+                "config_file" => config_file(&bytes),
+                other => panic!("no check for {other}"),
+            }
+            want.push((fuzz.join("seeds").join(target).join(name), bytes));
+        }
+        for target in ["peer_state", "store_file", "config_file"] {
+            let dict = fuzz.join("dicts").join(format!("{target}.dict"));
+            want.push((dict, dictionary(target).into_bytes()));
+        }
+        if std::env::var_os("TALLY_WRITE_SEEDS").is_some() {
+            for dir in ["seeds", "dicts"] {
+                let _ = std::fs::remove_dir_all(fuzz.join(dir));
+            }
+            for (path, bytes) in &want {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, bytes).unwrap();
+            }
+        }
+        let stale = "run TALLY_WRITE_SEEDS=1 cargo test -p tally --lib seed_corpus";
+        let mut committed = Vec::new();
+        for dir in ["seeds", "dicts"] {
+            let mut stack = vec![fuzz.join(dir)];
+            while let Some(dir) = stack.pop() {
+                for item in std::fs::read_dir(&dir).unwrap() {
+                    let path = item.unwrap().path();
+                    if path.is_dir() {
+                        stack.push(path);
+                    } else {
+                        committed.push(path);
+                    }
+                }
+            }
+        }
+        committed.sort();
+        want.sort();
+        let names: Vec<_> = want.iter().map(|(path, _)| path.clone()).collect();
+        assert_eq!(committed, names, "{stale}");
+        for (path, bytes) in want {
+            let on_disk = std::fs::read(&path).unwrap();
+            assert!(on_disk == bytes, "{} is stale: {stale}", path.display());
+        }
+    }
+}
