@@ -1,6 +1,8 @@
 //! The command line: `tally [serve]`, `tally visits`, `tally peers`,
-//! `tally check-config`. Flags come from the settings table in [`config`],
-//! so every setting has a flag, an environment variable and a file key.
+//! `tally check-config`, `tally nslookup`. Flags come from the settings
+//! table in [`config`], so every setting has a flag, an environment variable
+//! and a file key. Started as `nslookup` (the image's link), the binary is
+//! [`nslookup`](crate::nslookup), busybox-style.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +16,7 @@ use crate::config::{
 use crate::identity::Identity;
 use crate::peers::client::PeerClient;
 use crate::serve::{self, StartError};
-use crate::{discovery, peers, store};
+use crate::{discovery, nslookup, peers, store};
 
 /// Tally: a durable, cluster-wide visit counter for Kubernetes StatefulSets.
 ///
@@ -41,6 +43,15 @@ enum Cmd {
     /// Validate the settings from every source and print the effective
     /// configuration; exit 0, or 64 naming the bad key and its source.
     CheckConfig,
+    /// Look a name up through /etc/resolv.conf and print what BIND's
+    /// nslookup prints: `tally nslookup [-type=A|AAAA|SRV|PTR] NAME [SERVER]`
+    /// (also run as `nslookup`, the image's link to tally).
+    #[command(disable_help_flag = true)]
+    Nslookup {
+        /// nslookup's own arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Every setting as a global flag, built from [`SETTINGS`].
@@ -103,7 +114,17 @@ impl Args for SettingArgs {
 
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
+    let mut argv = std::env::args_os();
+    let program = argv.next().unwrap_or_default();
+    if std::path::Path::new(&program).file_name() == Some("nslookup".as_ref()) {
+        let args: Vec<String> = argv.map(|a| a.to_string_lossy().into_owned()).collect();
+        return nslookup::main(&args);
+    }
     let cli = Cli::parse();
+    // A debugging tool must work whatever the settings say.
+    if let Some(Cmd::Nslookup { args }) = &cli.command {
+        return nslookup::main(args);
+    }
     let env = |name: &str| std::env::var(name).ok();
     let config = match Config::load(&Sources {
         flags: &cli.settings.values,
@@ -118,6 +139,7 @@ pub fn main() -> ExitCode {
         Cmd::Visits => visits(&config),
         Cmd::Peers => runtime().block_on(peers_command(&config)),
         Cmd::CheckConfig => check_config(&config),
+        Cmd::Nslookup { .. } => unreachable!("handled before the settings are loaded"),
     }
 }
 

@@ -18,6 +18,7 @@
 //! - [`http`]: router and handlers, the page, and the edge server.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`shutdown`]: the SIGTERM/SIGINT signal.
+//! - [`nslookup`]: the built-in `nslookup` (the image has no dnsutils).
 //! - [`serve`]: assembles a running pod; [`cli`]: the command line.
 //! - `fuzz` (tests and fuzzing builds only): the properties the fuzzers in
 //!   `fuzz/` and the property tests check on every decoder of outside bytes.
@@ -31,6 +32,7 @@ pub mod http;
 pub mod identity;
 pub mod merge;
 pub mod metrics;
+pub mod nslookup;
 pub mod peers;
 pub mod serve;
 pub mod shutdown;
