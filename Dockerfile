@@ -1,7 +1,8 @@
 # Tally's container image: one static `tally` binary on an empty base, run as
 # uid 65532 with a read-only root filesystem; only /data (the PersistentVolume)
-# is written. No shell, no package manager: `tally peers` and `tally visits`
-# are the debugging tools (`kubectl exec tally-0 -- tally peers`).
+# is written. No shell, no package manager: `nslookup` (a link to tally, which
+# answers to that name), `tally peers` and `tally visits` are the debugging
+# tools (`kubectl exec tally-0 -- nslookup tally-1.tally-headless`).
 #
 #   docker build -t ghcr.io/tally-dev/tally:0.1.0 .
 #   podman build -t ghcr.io/tally-dev/tally:0.1.0 .
