@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tally_integration::sim::control::{self, Request, Response};
 use tally_integration::sim::daemon::{self, DaemonConfig};
 use tally_integration::sim::manifest::helm_template;
-use tally_integration::sim::{Cluster, ClusterOptions, net, pod};
+use tally_integration::sim::{Cluster, ClusterOptions, image, net, pod};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,6 +86,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
+    /// Run a host command in the client namespace, with the resolv.conf of a
+    /// pod in the release's namespace (a debug pod with this machine's tools).
+    Client {
+        /// The command, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
     /// GET a path through the client Service (or straight to one pod) and print the body.
     Curl {
         /// Ask this pod directly instead of the Service.
@@ -122,8 +129,6 @@ enum Cmd {
     Daemon {
         #[arg(long)]
         manifests: PathBuf,
-        #[arg(long)]
-        tally_bin: PathBuf,
         #[arg(long, default_value_t = 30)]
         dns_ttl: u32,
         #[arg(long, default_value_t = 10_000)]
@@ -160,6 +165,18 @@ fn tally_bin() -> Result<PathBuf> {
         .parent()
         .map(|d| d.join("tally"))
         .unwrap_or_else(|| PathBuf::from("tally")))
+}
+
+/// The command after an optional `--`; `usage` when there is none.
+fn after_dashes(command: Vec<String>, usage: &str) -> Result<Vec<String>> {
+    let command: Vec<String> = match command.first().map(String::as_str) {
+        Some("--") => command[1..].to_vec(),
+        _ => command,
+    };
+    if command.is_empty() {
+        bail!("a command is needed: {usage}");
+    }
+    Ok(command)
 }
 
 fn render(
@@ -215,7 +232,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Daemon {
             manifests,
-            tally_bin,
             dns_ttl,
             restart_backoff_ms,
             domain,
@@ -235,8 +251,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             daemon::run_daemon(
                 DaemonConfig {
                     name,
+                    image: image::load(&dir.join(image::IMAGE_DIR))?,
                     state_dir: dir,
-                    tally_bin,
                     self_exe: self_exe()?,
                     dns_ttl,
                     restart_backoff: Duration::from_millis(restart_backoff_ms),
@@ -358,14 +374,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Exec { pod, command } => {
-            let command: Vec<String> = match command.first().map(String::as_str) {
-                Some("--") => command[1..].to_vec(),
-                _ => command,
-            };
-            if command.is_empty() {
-                bail!("exec needs a command: exec POD -- CMD [ARGS...]");
+        Cmd::Client { command } => {
+            let command = after_dashes(command, "client -- CMD [ARGS...]")?;
+            let s = attach()?.status()?;
+            let resolv = dir.join("client-resolv.conf");
+            std::fs::write(
+                &resolv,
+                pod::resolv_conf(&s.namespace, &s.domain, net::DNS_IP),
+            )?;
+            match pod::run_as_client(&net::ns_path(&s.client_netns), &resolv, &command) {
+                Ok(never) => match never {},
+                Err(e) => Err(e.context("running in the client namespace")),
             }
+        }
+        Cmd::Exec { pod, command } => {
+            let command = after_dashes(command, "exec POD -- CMD [ARGS...]")?;
             let info = match control::call(
                 &dir,
                 &Request::PodInfo { pod: pod.clone() },

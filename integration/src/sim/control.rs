@@ -128,6 +128,8 @@ pub struct ClusterStatus {
     pub name: String,
     /// Namespace of the release.
     pub namespace: String,
+    /// Cluster domain (`cluster.local`).
+    pub domain: String,
     /// StatefulSet name.
     pub statefulset: String,
     /// Its serviceName.

@@ -21,6 +21,7 @@ use super::control::{
 };
 use super::dns::{self, SharedZone, Zone};
 use super::endpoints::{PodRec, ServiceRec};
+use super::image::Image;
 use super::kubelet::{ProbeResult, SimPod, send};
 use super::manifest::Manifests;
 use super::net;
@@ -35,8 +36,8 @@ pub struct DaemonConfig {
     pub name: String,
     /// State directory (socket, claims, logs, pod files).
     pub state_dir: PathBuf,
-    /// The local build standing in for the image.
-    pub tally_bin: PathBuf,
+    /// The image the pods run (staged around the local build).
+    pub image: Image,
     /// This executable (for `pod-init`).
     pub self_exe: PathBuf,
     /// TTL of DNS answers.
@@ -191,6 +192,7 @@ impl Sim {
             claims,
             client_service: self.client_service().map(|a| a.to_string()),
             client_netns: net::client_ns(&self.cfg.name),
+            domain: self.cfg.domain.clone(),
             age_s: self.start.elapsed().as_secs_f64(),
         }
     }

@@ -9,6 +9,8 @@
 //! - [`manifest`]: the rendered chart as typed `k8s-openapi` objects.
 //! - [`endpoints`]: Services and which pods are their (ready) endpoints.
 //! - [`dns`]: the cluster DNS server (Kubernetes DNS specification).
+//! - [`image`]: the image the pods run, from the definitions the real
+//!   image is built from (`scripts/build-image`, the Dockerfile).
 //! - [`pod`]: the kubelet's reading of a pod template, and the container
 //!   setup that runs inside the pod's namespaces (`pod-init`, `exec`).
 //! - [`net`]: network namespaces, bridge, veths, an in-namespace HTTP client.
@@ -27,6 +29,7 @@ pub mod control;
 pub mod daemon;
 pub mod dns;
 pub mod endpoints;
+pub mod image;
 pub mod kubelet;
 pub mod manifest;
 pub mod net;
@@ -55,7 +58,7 @@ pub struct ClusterOptions {
     pub name: String,
     /// The `tally-sim` executable.
     pub sim_exe: PathBuf,
-    /// The `tally` build that stands in for the image.
+    /// The `tally` build the image is assembled around.
     pub tally_bin: PathBuf,
     /// The rendered chart.
     pub manifests: String,
@@ -147,6 +150,7 @@ impl Cluster {
         }
         fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
+        image::stage(&opts.tally_bin, &state_dir.join(image::IMAGE_DIR))?;
         let manifests = state_dir.join("manifests.yaml");
         fs::write(&manifests, &opts.manifests)?;
         let log = fs::File::create(state_dir.join("daemon.log"))?;
@@ -156,8 +160,6 @@ impl Cluster {
             .arg("daemon")
             .arg("--manifests")
             .arg(&manifests)
-            .arg("--tally-bin")
-            .arg(&opts.tally_bin)
             .arg("--dns-ttl")
             .arg(opts.dns_ttl.to_string())
             .arg("--restart-backoff-ms")
@@ -348,12 +350,23 @@ impl Cluster {
 
     /// `kubectl exec POD -- argv`.
     pub fn exec(&self, pod: &str, argv: &[&str]) -> Result<Output> {
+        self.sim(&["exec", pod, "--"], argv)
+    }
+
+    /// `argv`, a host tool, in the client namespace with the resolv.conf of
+    /// a pod of the release's namespace (a debug pod with the host's tools).
+    pub fn client_run(&self, argv: &[&str]) -> Result<Output> {
+        self.sim(&["client", "--"], argv)
+    }
+
+    fn sim(&self, command: &[&str], argv: &[&str]) -> Result<Output> {
         Command::new(&self.sim_exe)
             .env(
                 "TALLY_SIM_HOME",
                 self.state_dir.parent().unwrap_or(Path::new("/")),
             )
-            .args(["--name", &self.name, "exec", pod, "--"])
+            .args(["--name", &self.name])
+            .args(command)
             .args(argv)
             .stdin(Stdio::null())
             .output()

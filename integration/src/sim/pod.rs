@@ -1,17 +1,22 @@
 //! A pod: what the kubelet would do with the rendered pod template.
 //!
-//! [`plan`] reads the pod template the way the kubelet does (image,
-//! command/args, env with the Downward API and key references, volumes and
-//! their mounts, security context, probes) and writes the pod's files
-//! (ConfigMap and Secret volumes, `resolv.conf`, `hosts`). The result is a
-//! [`LaunchSpec`] that [`pod_init`] — running as `tally-sim pod-init` in a
-//! fresh process — turns into a container: it joins the pod's network
-//! namespace, creates its own UTS and mount namespaces, sets the hostname,
-//! builds a root filesystem (an overlay of the host's `/` with the image's
-//! binary at `/usr/local/bin/tally` and the volumes mounted), pivots into it,
-//! drops to `runAsUser`/`runAsGroup` and execs the container's command.
+//! [`plan`] reads the pod template against the [`Image`] the way the
+//! kubelet and the container runtime do (image ENTRYPOINT/CMD under
+//! command/args, image ENV under env with the Downward API and key
+//! references, WORKDIR, USER, volumes and their mounts, security context,
+//! probes) and writes the pod's files (ConfigMap and Secret volumes,
+//! `resolv.conf`, `hosts`, `hostname`). The result is a [`LaunchSpec`] that
+//! [`pod_init`] — running as `tally-sim pod-init` in a fresh process — turns
+//! into a container: it joins the pod's network namespace, creates its own
+//! UTS and mount namespaces, sets the hostname, builds the root filesystem
+//! from the image's layers (an overlay, writes going to a tmpfs), bind-mounts
+//! the kubelet's files and the volumes into it, pivots into it, drops to the
+//! container's user and execs its command. Nothing of the host's `/` is
+//! visible: a command the image does not ship is not found, as on a cluster.
 //! [`exec_in`] does what `kubectl exec` does: joins a running container's
-//! namespaces as its user, with its environment.
+//! namespaces as its user, with its environment; [`run_as_client`] runs a
+//! host tool in the client namespace, as a debug pod with the host's tools
+//! (`kubectl run --image=debian`) would.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -30,13 +35,8 @@ use nix::sched::{CloneFlags, setns, unshare};
 use nix::unistd::{Gid, Uid, chown, pivot_root, setgroups, sethostname, setresgid, setresuid};
 use serde::{Deserialize, Serialize};
 
+use super::image::Image;
 use super::manifest::Manifests;
-
-/// Where the image's entrypoint lives inside a pod (the chart's container has
-/// no `command`, so the image's ENTRYPOINT runs).
-pub const ENTRYPOINT: &str = "/usr/local/bin/tally";
-/// The PATH a Debian-based image sets.
-pub const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// One bind mount into the container's root.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -59,20 +59,20 @@ pub struct LaunchSpec {
     /// A host directory where the container's root is assembled (a tmpfs is
     /// mounted over it inside the container's private mount namespace only).
     pub scratch: PathBuf,
-    /// Files written into the container's root: `/etc/resolv.conf`,
-    /// `/etc/hosts`, `/etc/hostname`.
-    pub files: Vec<(PathBuf, String)>,
-    /// Volume mounts, plus the image's binary.
+    /// The image's layers, lowest first: the container's root.
+    pub layers: Vec<PathBuf>,
+    /// The kubelet's files (`/etc/resolv.conf`, `/etc/hosts`,
+    /// `/etc/hostname`) and the volume mounts.
     pub mounts: Vec<MountSpec>,
     /// `readOnlyRootFilesystem`.
     pub read_only_root: bool,
-    /// The process's uid (`runAsUser`, else 0 as the image has no USER).
+    /// The process's uid (`runAsUser`, else the image's USER, else 0).
     pub uid: u32,
-    /// The process's gid (`runAsGroup`, else 0).
+    /// The process's gid (`runAsGroup`, else the image's USER group, else 0).
     pub gid: u32,
     /// Supplementary groups (`fsGroup`, `supplementalGroups`).
     pub groups: Vec<u32>,
-    /// `workingDir`, else `/`.
+    /// `workingDir`, else the image's WORKDIR.
     pub workdir: String,
     /// The container's environment, in order.
     pub env: Vec<(String, String)>,
@@ -166,8 +166,8 @@ pub struct PodFacts<'a> {
     pub pod_dir: PathBuf,
     /// Claim name -> its data directory (the "PersistentVolume").
     pub claims: BTreeMap<String, PathBuf>,
-    /// The locally built binary that stands in for the image.
-    pub tally_bin: PathBuf,
+    /// The image, around the local build.
+    pub image: &'a Image,
 }
 
 fn image_repository(image: &str) -> &str {
@@ -324,14 +324,12 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
     if !image_repository(&image).ends_with("tally") {
         bail!(
             "{what}: image {image:?} is not modelled; the simulator maps only images whose repository \
-             ends in `tally` to the local build ({})",
-            f.tally_bin.display()
+             ends in `tally` to the image built around the local build"
         );
     }
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), IMAGE_PATH.into()),
-        ("HOSTNAME".into(), f.pod_name.into()),
-    ];
+    // The image's ENV first: the container's env overrides it.
+    let mut env: Vec<(String, String)> = f.image.env.clone();
+    env.push(("HOSTNAME".into(), f.pod_name.into()));
     let labels = f
         .template
         .metadata
@@ -437,17 +435,38 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
         env.retain(|(k, _)| *k != var.name);
         env.push((var.name.clone(), value));
     }
-    let mut argv: Vec<String> = match &container.command {
-        Some(cmd) if !cmd.is_empty() => cmd.iter().map(|c| expand(c, &env)).collect(),
-        _ => vec![ENTRYPOINT.to_string()],
+    // As the runtime combines them: `command` replaces ENTRYPOINT and drops
+    // CMD; `args` replaces CMD.
+    let args: Vec<String> = container
+        .args
+        .iter()
+        .flatten()
+        .map(|a| expand(a, &env))
+        .collect();
+    let argv: Vec<String> = match &container.command {
+        Some(cmd) if !cmd.is_empty() => cmd.iter().map(|c| expand(c, &env)).chain(args).collect(),
+        _ if args.is_empty() => f
+            .image
+            .entrypoint
+            .iter()
+            .chain(&f.image.cmd)
+            .cloned()
+            .collect(),
+        _ => f.image.entrypoint.iter().cloned().chain(args).collect(),
     };
-    argv.extend(container.args.iter().flatten().map(|a| expand(a, &env)));
 
     // Security context: container level wins over pod level.
     let psc = spec.security_context.clone().unwrap_or_default();
     let csc = container.security_context.clone().unwrap_or_default();
-    let uid = csc.run_as_user.or(psc.run_as_user).unwrap_or(0);
-    let gid = csc.run_as_group.or(psc.run_as_group).unwrap_or(0);
+    let (image_uid, image_gid) = f.image.user.unwrap_or((0, 0));
+    let uid = csc
+        .run_as_user
+        .or(psc.run_as_user)
+        .unwrap_or(i64::from(image_uid));
+    let gid = csc
+        .run_as_group
+        .or(psc.run_as_group)
+        .unwrap_or(i64::from(image_gid));
     let non_root = csc.run_as_non_root.or(psc.run_as_non_root).unwrap_or(false);
     if non_root && uid == 0 {
         bail!(
@@ -563,29 +582,22 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
             read_only: vm.read_only.unwrap_or(false),
         });
     }
-    // The image: the local build at the entrypoint's path.
-    mounts.push(MountSpec {
-        source: f.tally_bin.clone(),
-        target: PathBuf::from(ENTRYPOINT),
-        read_only: true,
-    });
 
+    // The kubelet's files, bind-mounted over the image's /etc as the kubelet
+    // does (from the pod's directory).
     let fqdn = format!(
         "{}.{}.{}.svc.{}",
         f.pod_name, f.subdomain, f.namespace, f.domain
     );
-    let files = vec![
+    let files = [
         (
-            PathBuf::from("/etc/resolv.conf"),
-            format!(
-                "search {ns}.svc.{d} svc.{d} {d}\nnameserver {dns}\noptions ndots:5\n",
-                ns = f.namespace,
-                d = f.domain,
-                dns = f.dns_ip
-            ),
+            "resolv.conf",
+            "/etc/resolv.conf",
+            resolv_conf(f.namespace, f.domain, f.dns_ip),
         ),
         (
-            PathBuf::from("/etc/hosts"),
+            "etc-hosts",
+            "/etc/hosts",
             format!(
                 "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
                  fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n\
@@ -594,8 +606,17 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
                 pod = f.pod_name
             ),
         ),
-        (PathBuf::from("/etc/hostname"), format!("{}\n", f.pod_name)),
+        ("hostname", "/etc/hostname", format!("{}\n", f.pod_name)),
     ];
+    for (file, target, content) in files {
+        let source = f.pod_dir.join(file);
+        write_file(&source, content.as_bytes(), 0o644, None)?;
+        mounts.push(MountSpec {
+            source,
+            target: PathBuf::from(target),
+            read_only: false,
+        });
+    }
     let container_ports = container
         .ports
         .iter()
@@ -628,13 +649,16 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
             netns: f.netns.clone(),
             hostname: f.pod_name.to_string(),
             scratch: f.pod_dir.join("rootfs"),
-            files,
+            layers: f.image.layers.clone(),
             mounts,
             read_only_root: csc.read_only_root_filesystem.unwrap_or(false),
             uid: uid as u32,
             gid: gid as u32,
             groups,
-            workdir: container.working_dir.clone().unwrap_or_else(|| "/".into()),
+            workdir: container
+                .working_dir
+                .clone()
+                .unwrap_or_else(|| f.image.workdir.clone()),
             env,
             argv,
         },
@@ -643,6 +667,14 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
         container_ports,
         labels,
     })
+}
+
+/// `/etc/resolv.conf` as the kubelet writes it for a pod in `namespace`
+/// (`dnsPolicy: ClusterFirst`).
+pub fn resolv_conf(namespace: &str, domain: &str, dns_ip: Ipv4Addr) -> String {
+    format!(
+        "search {namespace}.svc.{domain} svc.{domain} {domain}\nnameserver {dns_ip}\noptions ndots:5\n"
+    )
 }
 
 fn write_items(
@@ -728,8 +760,8 @@ pub fn pod_init(spec: &LaunchSpec) -> Result<Infallible> {
     .context("making mounts private")?;
     sethostname(&spec.hostname).context("setting the hostname")?;
 
-    // The root filesystem: the host's `/` as a read-only lower layer, writes
-    // go to a tmpfs that lives only as long as this mount namespace.
+    // The root filesystem: the image's layers, read-only; writes go to a
+    // tmpfs that lives only as long as this mount namespace.
     fs::create_dir_all(&spec.scratch)?;
     mount(
         Some("tmpfs"),
@@ -747,8 +779,19 @@ pub fn pod_init(spec: &LaunchSpec) -> Result<Infallible> {
     for d in [&upper, &work, &root] {
         fs::create_dir_all(d)?;
     }
+    if spec.layers.is_empty() {
+        bail!("the image has no layers");
+    }
+    // overlayfs wants the uppermost lower layer first.
+    let lower: Vec<String> = spec
+        .layers
+        .iter()
+        .rev()
+        .map(|l| l.display().to_string())
+        .collect();
     let opts = format!(
-        "lowerdir=/,upperdir={},workdir={}",
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
         upper.display(),
         work.display()
     );
@@ -764,16 +807,6 @@ pub fn pod_init(spec: &LaunchSpec) -> Result<Infallible> {
         let target = inside(&root, Path::new(sys));
         fs::create_dir_all(&target)?;
         bind(Path::new(sys), &target, false)?;
-    }
-    for (path, content) in &spec.files {
-        let target = inside(&root, path);
-        // Replace, never write through: the host's file may be a symlink.
-        let _ = fs::remove_file(&target);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        fs::write(&target, content).with_context(|| format!("writing {}", path.display()))?;
-        fs::set_permissions(&target, fs::Permissions::from_mode(0o644))?;
     }
     for m in &spec.mounts {
         let target = inside(&root, &m.target);
@@ -837,6 +870,11 @@ fn exec_command(argv: &[String], env: &[(String, String)], workdir: &str) -> any
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .exec();
+    if err.kind() == std::io::ErrorKind::NotFound {
+        // The container runtime's words (runc), so the simulator fails the
+        // way `kubectl exec` does on a cluster.
+        return anyhow!("exec: {program:?}: executable file not found in $PATH");
+    }
     anyhow!("exec {program}: {err}")
 }
 
@@ -862,6 +900,27 @@ pub fn exec_in(
     setns(&mnt, CloneFlags::CLONE_NEWNS).context("joining the container's mount namespace")?;
     become_user(uid, gid, groups)?;
     Err(exec_command(argv, env, "/"))
+}
+
+/// Runs `argv` (a host tool) in the network namespace `netns` with the file
+/// `resolv_conf` bind-mounted on `/etc/resolv.conf` (in a private mount
+/// namespace), as root: the client namespace as a debug pod with the host's
+/// tools. Never returns on success.
+pub fn run_as_client(netns: &Path, resolv_conf: &Path, argv: &[String]) -> Result<Infallible> {
+    let ns = fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    setns(&ns, CloneFlags::CLONE_NEWNET).context("joining the client network namespace")?;
+    unshare(CloneFlags::CLONE_NEWNS).context("creating a mount namespace")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making mounts private")?;
+    bind(resolv_conf, Path::new("/etc/resolv.conf"), true)?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    Err(exec_command(argv, &env, "/"))
 }
 
 /// Creates a symlink, replacing what is there (used for `current` log links).

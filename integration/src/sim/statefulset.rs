@@ -249,7 +249,7 @@ impl Sim {
             netns: net::ns_path(&netns),
             pod_dir,
             claims,
-            tally_bin: self.cfg.tally_bin.clone(),
+            image: &self.cfg.image,
         })?;
         net::delete_ns(&netns)?;
         let veth = format!("veth{}", self.next_veth);

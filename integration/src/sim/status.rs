@@ -169,6 +169,7 @@ mod tests {
             }],
             client_service: None,
             client_netns: "tsim-t-client".into(),
+            domain: "cluster.local".into(),
             age_s: 5.0,
         }
     }
