@@ -1,9 +1,10 @@
 //! End-to-end suite: the chart, rendered by `helm template`, run by the
 //! StatefulSet simulator as real `tally` processes (integration/README.md).
 //!
-//! Needs root (namespaces, mounts), `helm` and `nslookup` (installed on first
-//! use through scripts/lib.sh) and a built `tally` (`cargo build -p tally`, or
-//! `TALLY_BIN`). Run: `cargo test -p tally-integration --test e2e`.
+//! Needs root (namespaces, mounts), `helm` and Debian's `nslookup` (installed
+//! on first use through scripts/lib.sh; it runs in the client namespace, to
+//! hold Tally's own `nslookup` against it) and a built `tally` (`cargo build
+//! -p tally`, or `TALLY_BIN`). Run: `cargo test -p tally-integration --test e2e`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -372,19 +373,36 @@ fn three_replicas_visits_dns_peers_delete_and_liveness() {
         assert_eq!(v["members"], 3, "{v}");
     }
 
-    // DNS from inside a pod: the old lab's lookup.
+    // The pod runs on the image's file system: no shell, as on a cluster…
+    let out = c.exec("tally-0", &["sh"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "$ scripts/cluster exec tally-0 -- sh\n{err}(exit {:?})",
+        out.status.code()
+    );
+    assert!(!out.status.success(), "a shell ran in the pod: {err}");
+    assert!(
+        err.contains(r#"exec: "sh": executable file not found in $PATH"#),
+        "{err}"
+    );
+    // …yet the lab's lookup works, because the image ships nslookup.
     let out = c
         .exec("tally-0", &["nslookup", "tally-1.tally-headless"])
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    println!("$ scripts/cluster exec tally-0 -- nslookup tally-1.tally-headless\n{text}");
     assert!(
         out.status.success(),
         "nslookup failed: {text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        text.contains(&format!("Address: {}", ip_of(&c, "tally-1"))),
-        "{text}"
+    assert_eq!(
+        text,
+        format!(
+            "Server:\t\t10.96.0.10\nAddress:\t10.96.0.10#53\n\n\
+             Name:\ttally-1.tally-headless.default.svc.cluster.local\nAddress: {}\n\n",
+            ip_of(&c, "tally-1")
+        )
     );
 
     // `tally peers` lists every member.
@@ -523,18 +541,108 @@ fn service_name_without_headless_service_is_nxdomain() {
     m.stateful_set_mut().spec.service_name = Some("tally-nowhere".into());
     let c = start("e2e-nxdomain", m.to_yaml().unwrap());
     c.wait_ready(Duration::from_secs(90)).unwrap();
-    let out = c
-        .exec("tally-0", &["nslookup", "tally-1.tally-headless"])
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "the lookup should fail: {text}");
-    assert!(text.contains("NXDOMAIN"), "{text}");
-    let out = c
-        .exec("tally-0", &["nslookup", "tally-1.tally-nowhere"])
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("NXDOMAIN"));
+    // The lab's command, verbatim, inside the pod: NXDOMAIN and exit 1 for
+    // either name, since no headless Service makes the pods' names.
+    for name in ["tally-1.tally-headless", "tally-1.tally-nowhere"] {
+        let out = c.exec("tally-0", &["nslookup", name]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "nslookup {name}: {text}");
+        assert!(
+            text.contains(&format!("** server can't find {name}: NXDOMAIN\n")),
+            "{text}"
+        );
+    }
     println!(
         "service_name_without_headless_service_is_nxdomain: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// Tally's `nslookup` inside a pod and Debian's (dnsutils) in the client
+/// namespace, with the same resolv.conf, ask the same cluster DNS: the
+/// outputs and exit codes must be identical.
+#[test]
+fn nslookup_in_the_image_prints_what_debian_nslookup_prints() {
+    prerequisites();
+    let t0 = Instant::now();
+    let c = up("e2e-nslookup", &["replicaCount=2"]);
+    // The SRV name the pods themselves look up (the port name is the chart's).
+    let peers = c.exec("tally-0", &["tally", "peers"]).unwrap();
+    let peers = String::from_utf8_lossy(&peers.stdout);
+    let srv = peers
+        .lines()
+        .find_map(|l| l.strip_prefix("query        SRV "))
+        .unwrap_or_else(|| panic!("no SRV query in `tally peers`: {peers}"))
+        .trim()
+        .trim_end_matches(".default.svc.cluster.local.")
+        .to_string();
+    let queries: Vec<Vec<&str>> = vec![
+        vec!["tally-1.tally-headless.default.svc.cluster.local"],
+        vec!["tally-1.tally-headless"],
+        vec!["-type=SRV", &srv],
+        vec!["tally-1.tally-nowhere"],
+        vec!["tally"],
+    ];
+    for query in &queries {
+        let mut argv = vec!["nslookup"];
+        argv.extend(query);
+        let ours = c.exec("tally-0", &argv).unwrap();
+        let debian = c.client_run(&argv).unwrap();
+        let (ours_text, debian_text) = (
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&debian.stdout),
+        );
+        println!(
+            "$ {} (Debian, client namespace: exit {:?})\n{debian_text}\
+             $ {} (Tally, in tally-0: exit {:?})\n{ours_text}",
+            argv.join(" "),
+            debian.status.code(),
+            argv.join(" "),
+            ours.status.code()
+        );
+        assert!(
+            debian_text.starts_with("Server:"),
+            "Debian's nslookup did not run: {debian_text}{}",
+            String::from_utf8_lossy(&debian.stderr)
+        );
+        assert_eq!(ours_text, debian_text, "nslookup {query:?}");
+        assert_eq!(
+            ours.status.code(),
+            debian.status.code(),
+            "exit code of nslookup {query:?}"
+        );
+    }
+    // The pod's root is the image's tree: tally and its nslookup link, and
+    // nothing of the host's (the debug build's libraries aside).
+    let pid = c.status().unwrap().pods[0].pid.expect("tally-0 runs");
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    assert_eq!(
+        std::fs::read_link(root.join("usr/local/bin/nslookup")).unwrap(),
+        Path::new("tally")
+    );
+    for host_only in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc/os-release",
+        "root",
+    ] {
+        assert!(
+            std::fs::symlink_metadata(root.join(host_only)).is_err(),
+            "/{host_only} is in the pod, but not in the image"
+        );
+    }
+    // Not vacuous: the answers are there.
+    let srv_out = c.exec("tally-0", &["nslookup", "-type=SRV", &srv]).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&srv_out.stdout)
+            .matches("\tservice = ")
+            .count(),
+        2
+    );
+    println!(
+        "nslookup_in_the_image_prints_what_debian_nslookup_prints: {:.1}s",
         t0.elapsed().as_secs_f64()
     );
 }
