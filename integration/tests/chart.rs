@@ -1581,7 +1581,9 @@ fn notes_give_the_commands_for_this_release() {
         let other = if r.int("replicaCount") > 1 { 1 } else { 0 };
         let mut wanted = vec![
             format!("kubectl exec --namespace {NAMESPACE} {pod}-0 -- tally peers"),
-            format!("kubectl exec --namespace {NAMESPACE} {pod}-0 -- nslookup {pod}-{other}.{headless}"),
+            format!(
+                "kubectl exec --namespace {NAMESPACE} {pod}-0 -- nslookup {pod}-{other}.{headless}"
+            ),
             format!(
                 "{pod}-{other}.{headless}.{NAMESPACE}.svc.{}",
                 r.str("clusterDomain")
