@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tally_integration::sim::control::{self, Request, Response};
 use tally_integration::sim::daemon::{self, DaemonConfig};
 use tally_integration::sim::manifest::helm_template;
-use tally_integration::sim::{Cluster, ClusterOptions, image, net, pod};
+use tally_integration::sim::{Cluster, ClusterOptions, image, nemesis, net, pod};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -122,6 +122,19 @@ enum Cmd {
         /// Pod name.
         pod: String,
     },
+    /// Inject a fault (the chaos nemeses): isolate POD | partition POD,POD POD,.. | loss POD [--percent N] |
+    /// slow POD | dns-down POD.. | kill POD | pause POD. `heal` removes every fault.
+    Nemesis {
+        /// isolate, partition, loss, slow, dns-down, kill or pause.
+        kind: String,
+        /// Pods (for partition: one comma-separated group per argument).
+        pods: Vec<String>,
+        /// Share of packets `loss` drops.
+        #[arg(long, default_value_t = 30)]
+        percent: u8,
+    },
+    /// Remove every fault `nemesis` put in place.
+    Heal,
     /// Tear everything down (also after a crashed daemon).
     Down,
     /// (internal) The daemon that owns a cluster.
@@ -466,6 +479,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Logs { previous, pod } => {
             print!("{}", attach()?.logs(&pod, previous)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Nemesis {
+            kind,
+            pods,
+            percent,
+        } => {
+            let fault = nemesis::Fault::parse(&kind, &pods, percent)?;
+            println!("{}", text(attach()?.request(&Request::Fault { fault })?));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Heal => {
+            println!("{}", text(attach()?.request(&Request::Heal)?));
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Down => {

@@ -64,6 +64,13 @@ pub enum Request {
     },
     /// The event log.
     Events,
+    /// Put a fault in place (the chaos nemeses).
+    Fault {
+        /// What.
+        fault: super::nemesis::Fault,
+    },
+    /// Remove every fault.
+    Heal,
     /// Tear everything down and exit.
     Down,
 }

@@ -63,6 +63,8 @@ pub(super) struct Sim {
     pub(super) probe_tx: mpsc::UnboundedSender<ProbeResult>,
     pub(super) zone: SharedZone,
     pub(super) proxy: ServiceProxy,
+    /// Processes a `pause` fault stopped (SIGCONT at heal).
+    pub(super) paused: Vec<u32>,
 }
 
 impl Sim {
@@ -250,6 +252,11 @@ impl Sim {
                 Ok(msg) => Response::Ok(msg),
                 Err(e) => Response::Error(format!("{e:#}")),
             },
+            Request::Fault { fault } => match self.inject(&fault) {
+                Ok(msg) => Response::Ok(msg),
+                Err(e) => Response::Error(format!("{e:#}")),
+            },
+            Request::Heal => Response::Ok(self.heal()),
             Request::Down => Response::Ok("down".into()),
         }
     }
@@ -338,6 +345,7 @@ pub fn run_daemon(cfg: DaemonConfig, yaml: &str) -> Result<()> {
         probe_tx,
         zone: Arc::new(RwLock::new(Arc::new(Zone::default()))),
         proxy: ServiceProxy::default(),
+        paused: Vec::new(),
     };
     let sim = Arc::new(Mutex::new(sim));
     let result = rt.block_on(daemon_main(sim.clone(), probe_rx));

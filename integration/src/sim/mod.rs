@@ -20,6 +20,8 @@
 //!   - [`kubelet`]: containers, probes, restarts and kills;
 //!   - [`proxy`]: the Service proxy;
 //!   - [`status`]: `kubectl get`-style status tables.
+//! - [`nemesis`]: faults for the chaos suite (partitions, loss, slowness,
+//!   DNS outage, kill, pause) and their heal.
 //! - [`control`]: the control protocol.
 //! - [`cleanup`]: teardown by name and the leftover check.
 //! - [`Cluster`]: a handle the tests and the `tally-sim` command use.
@@ -32,6 +34,7 @@ pub mod endpoints;
 pub mod image;
 pub mod kubelet;
 pub mod manifest;
+pub mod nemesis;
 pub mod net;
 pub mod pod;
 pub mod proxy;

@@ -188,7 +188,8 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpR
     parse_response(&raw).with_context(|| format!("answer of GET {addr}{path}"))
 }
 
-fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
+/// Parses a whole HTTP/1.1 answer (status line, headers, plain or chunked body).
+pub fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
