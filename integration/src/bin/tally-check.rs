@@ -29,6 +29,9 @@ struct Cli {
     /// Seconds after a quiet window begins by which every pod must agree.
     #[arg(long, default_value_t = check::Limits::default().converge.as_secs())]
     converge_s: u64,
+    /// Seconds a pod may take to notice a cut-off fault (still saying complete).
+    #[arg(long, default_value_t = check::Limits::default().detect.as_secs_f64())]
+    detect_s: f64,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         &ops,
         check::Limits {
             converge: Duration::from_secs(cli.converge_s),
+            detect: Duration::from_secs_f64(cli.detect_s.max(0.0)),
         },
     );
     for v in &report.violations {

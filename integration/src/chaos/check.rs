@@ -15,7 +15,9 @@
 //!   acknowledged and the sent visits, within [`Limits::converge`] of the
 //!   window's start;
 //! - **cut off**: no `complete: true` for a read that ran entirely inside a
-//!   fault that cuts a member off or stops DNS.
+//!   fault that cuts a member off or stops DNS, once the pods had
+//!   [`Limits::detect`] to notice (a pod cannot know of a cut before a peer
+//!   call or a DNS lookup fails).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -31,14 +33,18 @@ pub const CUT_OFF_KINDS: &[&str] = &["isolate", "partition", "dns-down", "dns-se
 pub struct Limits {
     /// How long after a quiet window starts every pod must agree.
     pub converge: Duration,
+    /// How long after a cut-off fault begins a pod may still say `complete`.
+    pub detect: Duration,
 }
 
 impl Default for Limits {
     /// 45 s: a killed pod restarts, turns Ready and is resolved again within
-    /// that, even with DNS answers cached for 30 s.
+    /// that, even with DNS answers cached for 30 s. 2 s to notice a cut: one
+    /// refresh (1 s in chaos runs) plus a DNS answer's longest life (1 s).
     fn default() -> Self {
         Limits {
             converge: Duration::from_secs(45),
+            detect: Duration::from_secs(2),
         }
     }
 }
@@ -225,7 +231,7 @@ pub fn check(ops: &[Op], limits: Limits) -> Report {
     let mut violations = Vec::new();
     bounds(&reads, &visits, &mut violations);
     monotonic(&reads, &mut violations);
-    cut_off(&reads, &faults, &mut violations);
+    cut_off(&reads, &faults, limits, &mut violations);
     convergence(
         ops,
         &reads,
@@ -309,19 +315,22 @@ fn monotonic(reads: &[Read], out: &mut Vec<Violation>) {
     }
 }
 
-fn cut_off(reads: &[Read], faults: &[&Op], out: &mut Vec<Violation>) {
+fn cut_off(reads: &[Read], faults: &[&Op], limits: Limits, out: &mut Vec<Violation>) {
+    let grace = limits.detect.as_nanos() as u64;
     for f in faults {
         let Op::Fault { kind, .. } = f else { continue };
         if !CUT_OFF_KINDS.contains(&kind.as_str()) {
             continue;
         }
         for r in reads {
-            if r.complete && r.start >= f.start_ns() && r.end <= f.end_ns() {
+            if r.complete && r.start >= f.start_ns() + grace && r.end <= f.end_ns() {
                 out.push(Violation {
                     rule: Rule::CompleteWhileCutOff,
                     message: format!(
-                        "{} answered {} complete during fault {kind}",
-                        r.served_by, r.total
+                        "{} answered {} complete {:.1} s into fault {kind}",
+                        r.served_by,
+                        r.total,
+                        (r.start - f.start_ns()) as f64 / 1e9
                     ),
                     ops: vec![(*f).clone(), r.op.clone()],
                 });
@@ -565,12 +574,13 @@ mod tests {
     fn complete_inside_a_cut_off_fault_is_caught_only_inside() {
         let ops = vec![
             visit(0, 1, Outcome::Ok),
-            fault("isolate", 10, 20),
-            total("tally-0", 5, 11, 1, true), // began before the fault
-            total("tally-0", 12, 13, 1, true),
-            total("tally-1", 12, 13, 1, false),
-            fault("kill", 30, 40),
-            total("tally-0", 31, 32, 1, true), // a kill cuts nobody off for good
+            fault("isolate", 10 * S, 20 * S),
+            total("tally-0", 5 * S, 11 * S, 1, true), // began before the fault
+            total("tally-1", 11 * S, 11 * S + 1, 1, true), // too soon to notice
+            total("tally-0", 12 * S, 13 * S, 1, true),
+            total("tally-1", 12 * S, 13 * S, 1, false),
+            fault("kill", 30 * S, 40 * S),
+            total("tally-0", 33 * S, 34 * S, 1, true), // a kill cuts nobody off for good
         ];
         assert_eq!(rules(&ops), [Rule::CompleteWhileCutOff]);
     }
