@@ -46,7 +46,9 @@ impl Page<'_> {
         let state = if self.cluster.complete {
             "every member answered"
         } else {
-            "some members did not answer: last known counts shown"
+            // Also the page's own case: it shows the last round, which may
+            // miss visits acknowledged since it started.
+            "last known counts: /visits/total asks every member"
         };
         format!(
             r#"<!doctype html>

@@ -5,12 +5,14 @@
 //! once (each within the per-peer timeout, all within the overall deadline;
 //! never this pod itself), checks and merges what came back into the
 //! [`Counter`], and records who answered. Concurrent `/visits/total` requests
-//! join the round in flight instead of starting their own, so peer load does
-//! not grow with client load. What this pod knows of the others is persisted
+//! share rounds, but only rounds that start after they arrived ([`rounds`]):
+//! peer load does not grow with client load, and a `complete` total holds
+//! every visit acknowledged before the request. What this pod knows of the others is persisted
 //! in `peers.state` on its own volume (same format and guarantees as the
 //! visit counter), so the total survives a full restart of the cluster.
 
 pub mod client;
+pub mod rounds;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -18,8 +20,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
-use futures::future::{BoxFuture, Shared};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -29,6 +29,7 @@ use crate::metrics::{ErrorKind, Metrics};
 use crate::store::file::{self, AtomicFile, FileError};
 use crate::store::{Store, unix_now};
 use client::{FetchError, PeerClient};
+use rounds::{Joined, Rounds};
 use wire::{PeerState, PodView, Source, TotalView};
 
 /// What this pod knows of the others, in its data directory.
@@ -94,12 +95,12 @@ struct Round {
     outcomes: BTreeMap<String, Outcome>,
 }
 
-type RoundFuture = Shared<BoxFuture<'static, Arc<Round>>>;
-
 /// The cluster view of one pod; cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
     inner: Arc<Inner>,
+    /// The rounds `/visits/total` joins (one running, one queued).
+    rounds: Rounds<Arc<Round>>,
 }
 
 struct Inner {
@@ -114,8 +115,6 @@ struct Inner {
     counter: Mutex<Counter>,
     /// The last finished round.
     last: Mutex<Arc<Round>>,
-    /// The round in flight, which new requests join.
-    inflight: Mutex<Option<RoundFuture>>,
     /// Wakes the persister when `counter` changed.
     changed: Notify,
     peers_file: AtomicFile,
@@ -139,21 +138,30 @@ impl Cluster {
             path: path.display().to_string(),
             source,
         })?;
-        let cluster = Cluster {
-            inner: Arc::new(Inner {
-                pod: pod.to_string(),
-                store,
-                metrics,
-                discovery,
-                client,
-                limits,
-                counter: Mutex::new(counter),
-                last: Mutex::new(Arc::new(Round::default())),
-                inflight: Mutex::new(None),
-                changed: Notify::new(),
-                peers_file,
-            }),
-        };
+        let inner = Arc::new(Inner {
+            pod: pod.to_string(),
+            store,
+            metrics,
+            discovery,
+            client,
+            limits,
+            counter: Mutex::new(counter),
+            last: Mutex::new(Arc::new(Round::default())),
+            changed: Notify::new(),
+            peers_file,
+        });
+        let rounds = Rounds::new({
+            let inner = inner.clone();
+            move || {
+                let inner = inner.clone();
+                async move {
+                    let round = Arc::new(inner.run_round().await);
+                    *inner.last.lock().expect("poisoned") = round.clone();
+                    round
+                }
+            }
+        });
+        let cluster = Cluster { inner, rounds };
         cluster
             .inner
             .metrics
@@ -188,15 +196,19 @@ impl Cluster {
         self.view(&round)
     }
 
-    /// The last known view, without any network I/O (for the page).
+    /// The last known view, without any network I/O (for the page). Never
+    /// `complete` in a cluster: its round started before the request did,
+    /// so it may miss visits acknowledged since (design.md §4).
     pub fn cached_total(&self) -> TotalView {
         let round = self.inner.last.lock().expect("poisoned").clone();
-        self.view(&round)
+        let mut view = self.view(&round);
+        view.complete &= self.inner.discovery.is_none();
+        view
     }
 
     /// What the peer route answers: this pod's entry and all it knows.
     pub fn peer_state(&self) -> PeerState {
-        let me = self.my_entry();
+        let me = self.inner.my_entry();
         let key = me.key();
         let counter = self.inner.counter.lock().expect("poisoned");
         let mut entries: Vec<Entry> = counter.entries().filter(|e| e.key() != key).collect();
@@ -232,7 +244,7 @@ impl Cluster {
     /// Merges a state a sibling handed over on its way out (`PUT` on the
     /// peer route), with the same checks as a fetched one.
     pub fn receive(&self, state: PeerState) -> Result<(), MergeError> {
-        let me = self.my_entry();
+        let me = self.inner.my_entry();
         let changed = self.inner.counter.lock().expect("poisoned").absorb(
             &sender(&state),
             &state.entries,
@@ -259,12 +271,13 @@ impl Cluster {
             return;
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&self.peer_state()).expect("serialises"));
-        let pushes = self
-            .siblings(&members.peers, started + deadline)
-            .map(|(peer, limit)| {
-                let push = self.inner.client.push(peer.addr, body.clone(), limit);
-                async move { (peer, push.await) }
-            });
+        let pushes =
+            self.inner
+                .siblings(&members.peers, started + deadline)
+                .map(|(peer, limit)| {
+                    let push = self.inner.client.push(peer.addr, body.clone(), limit);
+                    async move { (peer, push.await) }
+                });
         let results = futures::future::join_all(pushes).await;
         let handed = results.iter().filter(|(_, r)| r.is_ok()).count();
         for (peer, result) in &results {
@@ -286,148 +299,18 @@ impl Cluster {
         }
     }
 
-    fn my_entry(&self) -> Entry {
-        Entry {
-            pod: self.inner.pod.clone(),
-            incarnation: self.inner.store.incarnation().to_string(),
-            count: self.inner.store.count(),
-            seen_unix: unix_now(),
-        }
-    }
-
+    /// A round that starts no earlier than now (the read barrier).
     async fn round(&self) -> Arc<Round> {
-        let round = {
-            let mut inflight = self.inner.inflight.lock().expect("poisoned");
-            match &*inflight {
-                Some(round) => {
-                    self.inner.metrics.coalesced.inc();
-                    round.clone()
-                }
-                None => {
-                    // A task, not just a future: the round finishes even if
-                    // every request waiting on it goes away.
-                    let cluster = self.clone();
-                    let task = tokio::spawn(async move {
-                        let round = Arc::new(cluster.run_round().await);
-                        *cluster.inner.last.lock().expect("poisoned") = round.clone();
-                        *cluster.inner.inflight.lock().expect("poisoned") = None;
-                        round
-                    });
-                    let round = task
-                        .map(|r| r.unwrap_or_else(|_| Arc::new(Round::default())))
-                        .boxed()
-                        .shared();
-                    *inflight = Some(round.clone());
-                    round
-                }
-            }
-        };
-        round.await
-    }
-
-    /// The members other than this pod (a pod never calls itself), each
-    /// with its time limit: the per-peer timeout, cut to what is left of
-    /// the deadline.
-    fn siblings<'a>(
-        &'a self,
-        members: &'a [Peer],
-        deadline: Instant,
-    ) -> impl Iterator<Item = (&'a Peer, Duration)> + 'a {
-        members
-            .iter()
-            .filter(|p| p.pod != self.inner.pod)
-            .map(move |p| {
-                let left = deadline.saturating_duration_since(Instant::now());
-                (p, self.inner.limits.peer_timeout.min(left))
-            })
-    }
-
-    async fn run_round(&self) -> Round {
-        let Some(discovery) = &self.inner.discovery else {
-            return Round::default();
-        };
-        let started = Instant::now();
-        let deadline = started + self.inner.limits.deadline;
-        let members = match tokio::time::timeout_at(deadline.into(), discovery.members()).await {
-            Ok(members) => members,
-            Err(_) => crate::discovery::Members {
-                peers: Vec::new(),
-                error: Some(format!(
-                    "DNS lookup of {} took longer than the {} ms deadline",
-                    discovery.member().srv_name(),
-                    self.inner.limits.deadline.as_millis()
-                )),
-            },
-        };
-        let fetches = self
-            .siblings(&members.peers, deadline)
-            .map(|(peer, limit)| {
-                let client = self.inner.client.clone();
-                let metrics = self.inner.metrics.clone();
-                async move {
-                    metrics.peer_fetches.inc();
-                    let t0 = Instant::now();
-                    let result = client.fetch(peer.addr, limit).await;
-                    (peer, result, t0.elapsed())
-                }
-            });
-        let results = futures::future::join_all(fetches).await;
-        let me = self.my_entry();
-        let mut outcomes = BTreeMap::new();
-        let mut changed = false;
-        {
-            let mut counter = self.inner.counter.lock().expect("poisoned");
-            for (peer, result, latency) in results {
-                let merged = result.and_then(|state| {
-                    if state.pod != peer.pod {
-                        return Err(FetchError::Invalid(format!(
-                            "{} at {} answered as {:?}",
-                            peer.pod, peer.addr, state.pod
-                        )));
-                    }
-                    counter
-                        .absorb(&sender(&state), &state.entries, &me, unix_now())
-                        .map(|grew| (state.incarnation, grew))
-                        .map_err(|e| FetchError::Invalid(e.to_string()))
-                });
-                let outcome = match merged {
-                    Ok((incarnation, grew)) => {
-                        changed |= grew;
-                        Outcome::Live {
-                            incarnation,
-                            latency,
-                        }
-                    }
-                    Err(error) => {
-                        self.inner
-                            .metrics
-                            .peer_errors
-                            .get_or_create(&ErrorKind { kind: error.kind() })
-                            .inc();
-                        tracing::debug!(peer = %peer.pod, addr = %peer.addr, %error, "peer fetch failed");
-                        Outcome::Failed(error.to_string())
-                    }
-                };
-                outcomes.insert(peer.pod.clone(), outcome);
-            }
+        let (outcome, joined) = self.rounds.enter();
+        if joined == Joined::Shared {
+            self.inner.metrics.coalesced.inc();
         }
-        if changed {
-            self.inner.changed.notify_one();
-        }
-        let metrics = &self.inner.metrics;
-        metrics
-            .fanout_duration
-            .observe(started.elapsed().as_secs_f64());
-        metrics.members.set(members.peers.len() as i64);
-        Round {
-            members: members.peers,
-            discovery_error: members.error,
-            outcomes,
-        }
+        // A round that panicked answers like one that reached nobody.
+        outcome.await.unwrap_or_default()
     }
 
     fn view(&self, round: &Round) -> TotalView {
-        let me = self.my_entry();
+        let me = self.inner.my_entry();
         let my_key = me.key();
         let now = unix_now();
         let counter = self.inner.counter.lock().expect("poisoned");
@@ -525,6 +408,114 @@ impl Cluster {
             members,
             pods,
             discovery_error: round.discovery_error.clone(),
+        }
+    }
+}
+
+impl Inner {
+    fn my_entry(&self) -> Entry {
+        Entry {
+            pod: self.pod.clone(),
+            incarnation: self.store.incarnation().to_string(),
+            count: self.store.count(),
+            seen_unix: unix_now(),
+        }
+    }
+
+    /// The members other than this pod (a pod never calls itself), each
+    /// with its time limit: the per-peer timeout, cut to what is left of
+    /// the deadline.
+    fn siblings<'a>(
+        &'a self,
+        members: &'a [Peer],
+        deadline: Instant,
+    ) -> impl Iterator<Item = (&'a Peer, Duration)> + 'a {
+        members.iter().filter(|p| p.pod != self.pod).map(move |p| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            (p, self.limits.peer_timeout.min(left))
+        })
+    }
+
+    async fn run_round(&self) -> Round {
+        let Some(discovery) = &self.discovery else {
+            return Round::default();
+        };
+        let started = Instant::now();
+        let deadline = started + self.limits.deadline;
+        let members = match tokio::time::timeout_at(deadline.into(), discovery.members()).await {
+            Ok(members) => members,
+            Err(_) => crate::discovery::Members {
+                peers: Vec::new(),
+                error: Some(format!(
+                    "DNS lookup of {} took longer than the {} ms deadline",
+                    discovery.member().srv_name(),
+                    self.limits.deadline.as_millis()
+                )),
+            },
+        };
+        let fetches = self
+            .siblings(&members.peers, deadline)
+            .map(|(peer, limit)| {
+                let client = self.client.clone();
+                let metrics = self.metrics.clone();
+                async move {
+                    metrics.peer_fetches.inc();
+                    let t0 = Instant::now();
+                    let result = client.fetch(peer.addr, limit).await;
+                    (peer, result, t0.elapsed())
+                }
+            });
+        let results = futures::future::join_all(fetches).await;
+        let me = self.my_entry();
+        let mut outcomes = BTreeMap::new();
+        let mut changed = false;
+        {
+            let mut counter = self.counter.lock().expect("poisoned");
+            for (peer, result, latency) in results {
+                let merged = result.and_then(|state| {
+                    if state.pod != peer.pod {
+                        return Err(FetchError::Invalid(format!(
+                            "{} at {} answered as {:?}",
+                            peer.pod, peer.addr, state.pod
+                        )));
+                    }
+                    counter
+                        .absorb(&sender(&state), &state.entries, &me, unix_now())
+                        .map(|grew| (state.incarnation, grew))
+                        .map_err(|e| FetchError::Invalid(e.to_string()))
+                });
+                let outcome = match merged {
+                    Ok((incarnation, grew)) => {
+                        changed |= grew;
+                        Outcome::Live {
+                            incarnation,
+                            latency,
+                        }
+                    }
+                    Err(error) => {
+                        self.metrics
+                            .peer_errors
+                            .get_or_create(&ErrorKind { kind: error.kind() })
+                            .inc();
+                        tracing::debug!(peer = %peer.pod, addr = %peer.addr, %error, "peer fetch failed");
+                        Outcome::Failed(error.to_string())
+                    }
+                };
+                outcomes.insert(peer.pod.clone(), outcome);
+            }
+        }
+        if changed {
+            self.changed.notify_one();
+        }
+        let metrics = &self.metrics;
+        metrics
+            .fanout_duration
+            .observe(started.elapsed().as_secs_f64());
+        metrics.members.set(members.peers.len() as i64);
+        Round {
+            members: members.peers,
+            discovery_error: members.error,
+            outcomes,
         }
     }
 }
