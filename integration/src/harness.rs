@@ -300,6 +300,8 @@ pub fn loopback_block(test: u8) -> [u8; 3] {
 pub struct ClusterDns {
     pub addr: SocketAddr,
     zone: SharedZone,
+    /// TTL of the published records (seconds).
+    ttl: u32,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Stand-in socket that swallows queries once silenced.
     silent: Option<std::net::UdpSocket>,
@@ -308,27 +310,36 @@ pub struct ClusterDns {
 impl ClusterDns {
     /// Serves on `ip` (a free port is picked) with an empty zone.
     pub async fn start(ip: Ipv4Addr) -> Result<ClusterDns> {
-        let probe = std::net::UdpSocket::bind((ip, 0))?;
-        let port = probe.local_addr()?.port();
-        drop(probe);
-        ClusterDns::start_on(ip, port).await
+        ClusterDns::start_on(ip, 0).await
     }
 
     /// Serves on `ip:port` with an empty zone.
     pub async fn start_on(ip: Ipv4Addr, port: u16) -> Result<ClusterDns> {
-        let addr = SocketAddr::new(ip.into(), port);
+        ClusterDns::serve(SocketAddr::new(ip.into(), port), None).await
+    }
+
+    /// Serves on `ip` like CoreDNS with `cache N` in front (kubeadm's
+    /// Corefile: records with TTL 30 and `cache 30`): answers, positive and
+    /// negative, are served from the cache for up to `ttl`.
+    pub async fn start_caching(ip: Ipv4Addr, ttl: Duration) -> Result<ClusterDns> {
+        ClusterDns::serve(SocketAddr::new(ip.into(), 0), Some(ttl)).await
+    }
+
+    async fn serve(addr: SocketAddr, cache: Option<Duration>) -> Result<ClusterDns> {
         let zone: SharedZone = Arc::new(RwLock::new(Arc::new(Zone::default())));
-        let serving = zone.clone();
+        // Bound before this returns: a query sent from now on is answered
+        // (a pod started right after must not find the port closed).
+        let server = dns::DnsServer::bind(addr, zone.clone(), cache).await?;
+        let addr = server.local_addr()?;
         let task = tokio::spawn(async move {
-            if let Err(e) = dns::serve(addr, serving).await {
+            if let Err(e) = server.run().await {
                 eprintln!("test DNS server stopped: {e:#}");
             }
         });
-        // Wait until it answers over UDP.
-        tokio::time::sleep(Duration::from_millis(50)).await;
         Ok(ClusterDns {
             addr,
             zone,
+            ttl: cache.map_or(1, |ttl| ttl.as_secs().try_into().unwrap_or(u32::MAX)),
             task: Some(task),
             silent: None,
         })
@@ -368,7 +379,7 @@ impl ClusterDns {
                 container_ports: vec![(Some("http".into()), addr.port())],
             })
             .collect();
-        let zone = Zone::build("cluster.local", 1, &[service], &records);
+        let zone = Zone::build("cluster.local", self.ttl, &[service], &records);
         *self.zone.write().unwrap() = Arc::new(zone);
     }
 

@@ -41,6 +41,10 @@ enum Cmd {
         /// TTL of the cluster DNS answers, seconds (kubeadm's CoreDNS: 30).
         #[arg(long, default_value_t = 30)]
         dns_ttl: u32,
+        /// Cache DNS answers (positive and negative) this many seconds, as
+        /// CoreDNS's `cache 30` in kubeadm clusters; 0: no cache.
+        #[arg(long, default_value_t = 0)]
+        dns_cache: u32,
         /// First CrashLoopBackOff delay, seconds (the kubelet's: 10).
         #[arg(long, default_value_t = 10.0)]
         restart_backoff: f64,
@@ -144,6 +148,8 @@ enum Cmd {
         manifests: PathBuf,
         #[arg(long, default_value_t = 30)]
         dns_ttl: u32,
+        #[arg(long, default_value_t = 0)]
+        dns_cache: u32,
         #[arg(long, default_value_t = 10_000)]
         restart_backoff_ms: u64,
         #[arg(long, default_value = "cluster.local")]
@@ -246,6 +252,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Daemon {
             manifests,
             dns_ttl,
+            dns_cache,
             restart_backoff_ms,
             domain,
             detach,
@@ -268,6 +275,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     state_dir: dir,
                     self_exe: self_exe()?,
                     dns_ttl,
+                    dns_cache,
                     restart_backoff: Duration::from_millis(restart_backoff_ms),
                     domain,
                 },
@@ -280,6 +288,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             release,
             manifests,
             dns_ttl,
+            dns_cache,
             restart_backoff,
             domain,
             timeout,
@@ -290,6 +299,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let yaml = render(&manifests, &chart, &release, &helm_args)?;
             let mut opts = ClusterOptions::new(&name, self_exe()?, tally_bin()?, yaml);
             opts.dns_ttl = dns_ttl;
+            opts.dns_cache = dns_cache;
             opts.restart_backoff = Duration::from_secs_f64(restart_backoff);
             opts.domain = domain;
             opts.detach = true;

@@ -42,6 +42,8 @@ pub struct DaemonConfig {
     pub self_exe: PathBuf,
     /// TTL of DNS answers.
     pub dns_ttl: u32,
+    /// CoreDNS `cache N`, seconds; 0 = no cache.
+    pub dns_cache: u32,
     /// First CrashLoopBackOff delay (the kubelet's is 10 s, doubling to 5 min).
     pub restart_backoff: Duration,
     /// Cluster domain.
@@ -358,7 +360,7 @@ async fn daemon_main(
     sim: Arc<Mutex<Sim>>,
     mut probe_rx: mpsc::UnboundedReceiver<ProbeResult>,
 ) -> Result<()> {
-    let (zone, proxy, sock, name) = {
+    let (zone, proxy, sock, name, dns_cache) = {
         let mut s = sim.lock().map_err(|_| anyhow!("state lock poisoned"))?;
         s.publish();
         let sts = s.sts.name.clone();
@@ -378,10 +380,12 @@ async fn daemon_main(
             s.proxy.table(),
             s.cfg.state_dir.join("ctl.sock"),
             s.cfg.name.clone(),
+            s.cfg.dns_cache,
         )
     };
     let dns_addr = SocketAddr::from((net::DNS_IP, 53));
-    let dns_task = tokio::spawn(dns::serve(dns_addr, zone));
+    let dns_cache = (dns_cache > 0).then(|| Duration::from_secs(dns_cache.into()));
+    let dns_task = tokio::spawn(dns::serve(dns_addr, zone, dns_cache));
     let _ = fs::remove_file(&sock);
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;

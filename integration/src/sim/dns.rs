@@ -19,11 +19,15 @@
 //! - NXDOMAIN (with the SOA, for negative caching) for any other name. The
 //!   simulator has no upstream resolver, so names outside the cluster domain
 //!   are NXDOMAIN too (not authoritative).
+//!
+//! With a cache TTL it answers through [`Cache`], as CoreDNS with `cache 30`
+//! does: membership changes then reach clients up to that much later.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
@@ -32,6 +36,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
+use super::dns_cache::Cache;
 use super::endpoints::{PodRec, ServiceRec};
 
 /// All records of the cluster zone at one instant.
@@ -277,10 +282,13 @@ impl Zone {
 /// whenever a Service or a pod's address or readiness changes.
 pub type SharedZone = Arc<RwLock<Arc<Zone>>>;
 
-fn respond(zone: &SharedZone, packet: &[u8], udp: bool) -> Option<Vec<u8>> {
+fn respond(zone: &SharedZone, cache: Option<&Cache>, packet: &[u8], udp: bool) -> Option<Vec<u8>> {
     let request = Message::from_vec(packet).ok()?;
     let zone = zone.read().ok()?.clone();
-    let response = zone.answer(&request);
+    let response = match cache {
+        Some(cache) => cache.answer(&request, Instant::now(), || zone.answer(&request)),
+        None => zone.answer(&request),
+    };
     let limit = request
         .edns
         .as_ref()
@@ -293,49 +301,95 @@ fn respond(zone: &SharedZone, packet: &[u8], udp: bool) -> Option<Vec<u8>> {
     Some(bytes)
 }
 
-/// Serves DNS on `addr` (UDP and TCP) until the task is dropped.
-pub async fn serve(addr: SocketAddr, zone: SharedZone) -> Result<()> {
-    let udp = UdpSocket::bind(addr)
-        .await
-        .with_context(|| format!("binding DNS UDP socket {addr}"))?;
-    let tcp = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding DNS TCP socket {addr}"))?;
-    let tcp_zone = zone.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = tcp.accept().await {
-            let zone = tcp_zone.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok(len) = stream.read_u16().await else {
-                        return;
-                    };
-                    let mut buf = vec![0u8; usize::from(len)];
-                    if stream.read_exact(&mut buf).await.is_err() {
-                        return;
+/// A DNS server bound to its UDP and TCP sockets: queries sent once
+/// [`bind`](DnsServer::bind) returned are answered as soon as it runs.
+pub struct DnsServer {
+    udp: UdpSocket,
+    tcp: TcpListener,
+    zone: SharedZone,
+    /// CoreDNS's `cache`, when the cluster models it.
+    cache: Option<Arc<Cache>>,
+}
+
+impl DnsServer {
+    /// Binds `addr` (UDP and TCP; port 0 picks one free for both).
+    /// `cache`: keep answers up to this long, as CoreDNS's `cache` plugin.
+    pub async fn bind(
+        addr: SocketAddr,
+        zone: SharedZone,
+        cache: Option<Duration>,
+    ) -> Result<DnsServer> {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding DNS UDP socket {addr}"))?;
+        let addr = udp.local_addr()?;
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding DNS TCP socket {addr}"))?;
+        Ok(DnsServer {
+            udp,
+            tcp,
+            zone,
+            cache: cache.map(|ttl| Arc::new(Cache::new(ttl))),
+        })
+    }
+
+    /// Where it answers.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.udp.local_addr()?)
+    }
+
+    /// Answers until the task is dropped.
+    pub async fn run(self) -> Result<()> {
+        let DnsServer {
+            udp,
+            tcp,
+            zone,
+            cache,
+        } = self;
+        let tcp_zone = zone.clone();
+        let tcp_cache = cache.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = tcp.accept().await {
+                let zone = tcp_zone.clone();
+                let cache = tcp_cache.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let Ok(len) = stream.read_u16().await else {
+                            return;
+                        };
+                        let mut buf = vec![0u8; usize::from(len)];
+                        if stream.read_exact(&mut buf).await.is_err() {
+                            return;
+                        }
+                        let Some(out) = respond(&zone, cache.as_deref(), &buf, false) else {
+                            return;
+                        };
+                        let Ok(out_len) = u16::try_from(out.len()) else {
+                            return;
+                        };
+                        if stream.write_u16(out_len).await.is_err()
+                            || stream.write_all(&out).await.is_err()
+                        {
+                            return;
+                        }
                     }
-                    let Some(out) = respond(&zone, &buf, false) else {
-                        return;
-                    };
-                    let Ok(out_len) = u16::try_from(out.len()) else {
-                        return;
-                    };
-                    if stream.write_u16(out_len).await.is_err()
-                        || stream.write_all(&out).await.is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let (n, peer) = udp.recv_from(&mut buf).await?;
-        if let Some(out) = respond(&zone, &buf[..n], true) {
-            let _ = udp.send_to(&out, peer).await;
+                });
+            }
+        });
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let (n, peer) = udp.recv_from(&mut buf).await?;
+            if let Some(out) = respond(&zone, cache.as_deref(), &buf[..n], true) {
+                let _ = udp.send_to(&out, peer).await;
+            }
         }
     }
+}
+
+/// Serves DNS on `addr` (UDP and TCP) until the task is dropped.
+pub async fn serve(addr: SocketAddr, zone: SharedZone, cache: Option<Duration>) -> Result<()> {
+    DnsServer::bind(addr, zone, cache).await?.run().await
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`manifest`]: the rendered chart as typed `k8s-openapi` objects.
 //! - [`endpoints`]: Services and which pods are their (ready) endpoints.
-//! - [`dns`]: the cluster DNS server (Kubernetes DNS specification).
+//! - [`dns`]: the cluster DNS server (Kubernetes DNS specification), with
+//!   CoreDNS's answer cache ([`dns_cache`]) when asked for.
 //! - [`image`]: the image the pods run, from the definitions the real
 //!   image is built from (`scripts/build-image`, the Dockerfile).
 //! - [`pod`]: the kubelet's reading of a pod template, and the container
@@ -30,6 +31,7 @@ pub mod cleanup;
 pub mod control;
 pub mod daemon;
 pub mod dns;
+pub mod dns_cache;
 pub mod endpoints;
 pub mod image;
 pub mod kubelet;
@@ -67,6 +69,10 @@ pub struct ClusterOptions {
     pub manifests: String,
     /// TTL of DNS answers, seconds.
     pub dns_ttl: u32,
+    /// CoreDNS `cache N`: answers (positive and negative) are served from
+    /// the DNS server's cache up to this many seconds; 0 = no cache (the
+    /// default: ordinary tests see membership changes at once).
+    pub dns_cache: u32,
     /// First CrashLoopBackOff delay.
     pub restart_backoff: Duration,
     /// Cluster domain.
@@ -90,6 +96,7 @@ impl ClusterOptions {
             tally_bin: tally_bin.into(),
             manifests,
             dns_ttl: 30,
+            dns_cache: 0,
             restart_backoff: Duration::from_secs(10),
             domain: "cluster.local".into(),
             detach: false,
@@ -165,6 +172,8 @@ impl Cluster {
             .arg(&manifests)
             .arg("--dns-ttl")
             .arg(opts.dns_ttl.to_string())
+            .arg("--dns-cache")
+            .arg(opts.dns_cache.to_string())
             .arg("--restart-backoff-ms")
             .arg(opts.restart_backoff.as_millis().to_string())
             .arg("--domain")
