@@ -53,6 +53,7 @@ settings! {
     "timezone", "TALLY_TIMEZONE", "UTC", "IANA time zone of the time shown on the page";
     "durability", "TALLY_DURABILITY", "group-commit", "group-commit (fdatasync before each answer), periodic or none";
     "sync_interval_ms", "TALLY_SYNC_INTERVAL_MS", "1000", "How often `periodic` durability syncs, in milliseconds";
+    "commit_timeout_ms", "TALLY_COMMIT_TIMEOUT_MS", "2000", "Longest a visit waits for its commit (then 503, never counted); a commit stuck longer fails readiness. Below request_timeout_ms";
     "peer_timeout_ms", "TALLY_PEER_TIMEOUT_MS", "300", "Time limit for one sibling's answer, in milliseconds";
     "fanout_deadline_ms", "TALLY_FANOUT_DEADLINE_MS", "1000", "Time limit for the whole fan-out to the siblings, in milliseconds";
     "refresh_interval_ms", "TALLY_REFRESH_INTERVAL_MS", "5000", "Background refresh of the cluster view, in milliseconds (0: off)";
@@ -176,6 +177,8 @@ pub struct Config {
     pub durability: Durability,
     /// Sync period for [`Durability::Periodic`].
     pub sync_interval: Duration,
+    /// Longest a visit waits for its commit; a longer commit is stuck.
+    pub commit_timeout: Duration,
     /// Time limit for one peer's answer.
     pub peer_timeout: Duration,
     /// Time limit for a whole fan-out.
@@ -418,6 +421,7 @@ impl Raw {
                 _ => Err("expected group-commit, periodic or none".to_string()),
             })?,
             sync_interval: self.millis("sync_interval_ms", 1)?,
+            commit_timeout: self.millis("commit_timeout_ms", 1)?,
             peer_timeout: self.millis("peer_timeout_ms", 1)?,
             fanout_deadline: self.millis("fanout_deadline_ms", 1)?,
             refresh_interval: {
@@ -450,6 +454,20 @@ impl Raw {
                 })
                 .collect(),
         };
+        if config.commit_timeout >= config.request_timeout {
+            // The visit must get its 503 before the request's own timeout
+            // (408) could answer for a visit that is then committed.
+            let (value, source) = &self.values["commit_timeout_ms"];
+            return Err(ConfigError::Invalid {
+                key: "commit_timeout_ms",
+                value: value.clone(),
+                origin: source.clone(),
+                reason: format!(
+                    "must be below request_timeout_ms ({} ms)",
+                    config.request_timeout.as_millis()
+                ),
+            });
+        }
         Ok(config)
     }
 }
@@ -608,6 +626,13 @@ mod tests {
                 None,
                 "max_connections",
                 "TALLY_MAX_CONNECTIONS",
+            ),
+            (
+                &[],
+                &[("TALLY_COMMIT_TIMEOUT_MS", "10000")],
+                None,
+                "commit_timeout_ms",
+                "TALLY_COMMIT_TIMEOUT_MS",
             ),
             (
                 &[],

@@ -9,8 +9,11 @@
 //! - [`config`]: the settings table; flags > env > file > defaults, with
 //!   provenance for errors and `check-config`.
 //! - [`identity`]: pod name, ordinal, and the DNS names derived from them.
-//! - [`store`]: the durable per-pod counter (group commit, atomic checksummed
-//!   files in [`store::file`]).
+//! - [`store`]: the durable per-pod counter: group commit into two
+//!   checksummed slots ([`store::format`]), the disk behind a narrow trait
+//!   ([`store::disk`]) so the power-cut model can stand in for it, the sync
+//!   policy of each durability mode, the data-directory lock; atomic
+//!   checksummed files for `peers.state` in [`store::file`].
 //! - [`merge`]: the grow-only cluster counter keyed by (pod, incarnation).
 //! - [`discovery`]: members from the headless Service's SRV records.
 //! - [`peers`]: the peer client, the coalesced fan-out and the

@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Labels of the HTTP request histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +38,17 @@ pub struct Metrics {
     pub commit_batch: Histogram,
     /// Commits that failed (disk full, read-only volume, I/O error).
     pub commit_failures: Counter,
+    /// `fdatasync` calls of the counter file (per visit: the group-commit
+    /// ratio the benchmark reports).
+    pub store_fdatasyncs: Counter,
+    /// Visits queued for or in a commit.
+    pub store_queue_depth: Gauge,
+    /// Age of the oldest visit in the commit in progress (0 when idle);
+    /// updated at scrape time.
+    pub store_oldest_pending_seconds: Gauge<f64, AtomicU64>,
+    /// 1 while the store writes and no commit is stuck, else 0; updated at
+    /// scrape time.
+    pub store_healthy: Gauge,
     /// Duration of a fan-out to all siblings.
     pub fanout_duration: Histogram,
     /// Peer fetches that failed, by kind (timeout, connect, status, body…).
@@ -67,6 +79,10 @@ impl Metrics {
             commit_duration: latency_histogram(),
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             commit_failures: Counter::default(),
+            store_fdatasyncs: Counter::default(),
+            store_queue_depth: Gauge::default(),
+            store_oldest_pending_seconds: Gauge::default(),
+            store_healthy: Gauge::default(),
             fanout_duration: latency_histogram(),
             peer_errors: Family::default(),
             peer_fetches: Counter::default(),
@@ -100,6 +116,26 @@ impl Metrics {
             "store_commit_failures",
             "Commits that failed; visits in them were answered 503",
             metrics.commit_failures.clone(),
+        );
+        registry.register(
+            "store_fdatasyncs",
+            "fdatasync calls on the counter file",
+            metrics.store_fdatasyncs.clone(),
+        );
+        registry.register(
+            "store_queue_depth",
+            "Visits queued for or in a commit",
+            metrics.store_queue_depth.clone(),
+        );
+        registry.register(
+            "store_oldest_pending_seconds",
+            "Age of the oldest visit waiting in the commit in progress",
+            metrics.store_oldest_pending_seconds.clone(),
+        );
+        registry.register(
+            "store_healthy",
+            "1 while the store writes and no commit is stuck past commit_timeout_ms, else 0",
+            metrics.store_healthy.clone(),
         );
         registry.register(
             "fanout_duration_seconds",
@@ -182,6 +218,10 @@ mod tests {
             "tally_members",
             "tally_total_requests_coalesced_total",
             "tally_cluster_visits",
+            "tally_store_fdatasyncs_total",
+            "tally_store_queue_depth",
+            "tally_store_oldest_pending_seconds",
+            "tally_store_healthy",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

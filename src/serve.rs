@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::peers::client::PeerClient;
 use crate::peers::{self, Cluster, PeersError};
 use crate::shutdown;
-use crate::store::{Store, StoreError};
+use crate::store::{self, Store, StoreError};
 
 /// Why the pod could not start.
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +96,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let store = Store::open(
         &config.data_dir,
         &identity.pod,
-        config.durability,
-        config.sync_interval,
+        store::Options {
+            durability: config.durability,
+            sync_interval: config.sync_interval,
+            commit_timeout: config.commit_timeout,
+        },
         metrics.clone(),
     )?;
     let discovery = discovery(&config, &identity)?;

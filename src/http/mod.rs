@@ -95,7 +95,14 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
         };
-        (status, format!("{self}\n")).into_response()
+        let mut response = (status, format!("{self}\n")).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // The visit was not counted: safe to retry, after a moment.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -220,6 +227,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.store.update_gauges();
     (
         [(
             header::CONTENT_TYPE,
@@ -320,4 +328,23 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
         })
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_visit_not_recorded_is_503_with_retry_after() {
+        for error in [
+            StoreError::Stalled("no commit within 2000 ms (hung disk?)".into()),
+            StoreError::Unavailable("cannot write visits.state: disk full".into()),
+        ] {
+            let response = ApiError::from(error).into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        }
+        let response = ApiError::BadRequest("x".into()).into_response();
+        assert!(!response.headers().contains_key(header::RETRY_AFTER));
+    }
 }

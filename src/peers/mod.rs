@@ -42,11 +42,6 @@ pub enum PeersError {
     File(#[from] FileError),
     #[error("{path} holds no valid peer state: {reason}")]
     BadState { path: String, reason: String },
-    #[error("cannot prepare {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
 }
 
 /// Body of `peers.state`.
@@ -134,10 +129,7 @@ impl Cluster {
     ) -> Result<Cluster, PeersError> {
         let counter = Counter::from_entries(load_peers(data_dir)?);
         let path = data_dir.join(PEERS_FILE);
-        let peers_file = AtomicFile::new(path.clone()).map_err(|source| PeersError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let peers_file = AtomicFile::new(path);
         let inner = Arc::new(Inner {
             pod: pod.to_string(),
             store,
@@ -231,7 +223,7 @@ impl Cluster {
             .collect();
         let inner = self.inner.clone();
         let body = serde_json::to_vec(&StoredPeers { entries }).expect("serialises");
-        let result = tokio::task::spawn_blocking(move || inner.peers_file.write(&body, true)).await;
+        let result = tokio::task::spawn_blocking(move || inner.peers_file.write(&body)).await;
         match result {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {

@@ -1,8 +1,10 @@
-//! Checksummed files replaced atomically.
+//! Checksummed files replaced atomically: `peers.state`, and `visits.state`
+//! as releases before format v2 wrote it (read once, then migrated by
+//! [`super::format`]).
 //!
 //! # On-disk format
 //!
-//! Every file tally writes is one header line followed by a JSON body:
+//! One header line followed by a JSON body:
 //!
 //! ```text
 //! tally-state v1 crc32=1c291ca3 len=97\n
@@ -23,11 +25,14 @@
 //! the old or the new file whole; a left-over `.tmp` is ignored and
 //! overwritten by the next write.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-const MAGIC: &str = "tally-state v1";
+use super::disk::{Disk, RealDisk, parent_dir};
+
+/// First bytes of every file in this format.
+pub const MAGIC: &str = "tally-state v1";
 /// Longest header we accept; a longer first line is not ours.
 const MAX_HEADER: usize = 64;
 
@@ -43,11 +48,16 @@ pub enum FileError {
     Io { path: PathBuf, source: io::Error },
 }
 
-/// Reads `path`; `Ok(None)` when it does not exist.
+/// Reads `path` from the machine's disk; `Ok(None)` when it does not exist.
 pub fn read(path: &Path) -> Result<Option<Vec<u8>>, FileError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+    read_on(&RealDisk, path)
+}
+
+/// Reads `path` from `disk`; `Ok(None)` when it does not exist.
+pub fn read_on(disk: &dyn Disk, path: &Path) -> Result<Option<Vec<u8>>, FileError> {
+    let bytes = match disk.read(path) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(None),
         Err(source) => {
             return Err(FileError::Io {
                 path: path.to_path_buf(),
@@ -115,61 +125,55 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<u8>, String> {
     Ok(body.to_vec())
 }
 
-/// A file replaced atomically on every write (see the module docs).
-#[derive(Debug)]
+/// Replaces `path` with `bytes` atomically and durably: `<path>.tmp` is
+/// created, written and `fdatasync`ed, renamed over `path`, and the
+/// directory `fsync`ed. A crash at any instant leaves the old or the new
+/// file whole.
+pub fn replace(disk: &dyn Disk, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = disk.create(&tmp)?;
+    file.write_at(0, bytes)?;
+    file.sync_data()?;
+    drop(file);
+    disk.rename(&tmp, path)?;
+    disk.sync_dir(parent_dir(path))
+}
+
+/// A checksummed file replaced atomically on every write (see the module
+/// docs); `peers.state` is one.
+#[derive(Debug, Clone)]
 pub struct AtomicFile {
     /// The file itself.
     path: PathBuf,
-    /// Where the next version is written before the rename.
-    tmp: PathBuf,
-    /// The directory, kept open so every commit does not reopen it to fsync.
-    dir: File,
+    /// Where it lives: the machine's disk, or the power-cut model in tests.
+    disk: Arc<dyn Disk>,
 }
 
 impl AtomicFile {
-    /// Prepares writes to `path`, whose directory must exist.
-    pub fn new(path: PathBuf) -> io::Result<AtomicFile> {
-        let parent = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let dir = File::open(parent)?;
-        let mut tmp = path.clone().into_os_string();
-        tmp.push(".tmp");
-        Ok(AtomicFile {
-            path,
-            tmp: tmp.into(),
-            dir,
-        })
+    /// Writes to `path` on the machine's disk; its directory must exist.
+    pub fn new(path: PathBuf) -> AtomicFile {
+        AtomicFile::on(Arc::new(RealDisk), path)
+    }
+
+    /// Writes to `path` on `disk`.
+    pub fn on(disk: Arc<dyn Disk>, path: PathBuf) -> AtomicFile {
+        AtomicFile { path, disk }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Replaces the file with `body`; with `sync`, durable on return.
-    pub fn write(&self, body: &[u8], sync: bool) -> io::Result<()> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&self.tmp)?;
-        file.write_all(&encode(body))?;
-        if sync {
-            file.sync_data()?;
-        }
-        drop(file);
-        std::fs::rename(&self.tmp, &self.path)?;
-        if sync {
-            self.dir.sync_all()?;
-        }
-        Ok(())
+    /// Replaces the file with `body`, durably on return.
+    pub fn write(&self, body: &[u8]) -> io::Result<()> {
+        replace(&*self.disk, &self.path, &encode(body))
     }
 
-    /// Makes the last unsynced [`write`](Self::write) durable.
-    pub fn sync(&self) -> io::Result<()> {
-        File::open(&self.path)?.sync_data()?;
-        self.dir.sync_all()
+    /// The body, `Ok(None)` when the file does not exist.
+    pub fn read(&self) -> Result<Option<Vec<u8>>, FileError> {
+        read_on(&*self.disk, &self.path)
     }
 }
 
@@ -211,11 +215,10 @@ mod tests {
     #[test]
     fn write_replaces_and_read_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let file = AtomicFile::new(dir.path().join("x.state")).unwrap();
-        assert!(read(file.path()).unwrap().is_none());
-        file.write(b"{}", true).unwrap();
-        file.write(b"{\"a\":1}", false).unwrap();
-        file.sync().unwrap();
+        let file = AtomicFile::new(dir.path().join("x.state"));
+        assert!(file.read().unwrap().is_none());
+        file.write(b"{}").unwrap();
+        file.write(b"{\"a\":1}").unwrap();
         assert_eq!(read(file.path()).unwrap().unwrap(), b"{\"a\":1}");
         std::fs::write(file.path(), b"junk").unwrap();
         let err = read(file.path()).unwrap_err().to_string();

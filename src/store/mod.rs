@@ -2,17 +2,32 @@
 //!
 //! One committer thread owns the count. A visit sends a request to it and
 //! waits; the committer takes every request queued at that moment as one
-//! batch, writes the new count with [`AtomicFile`] (one `fdatasync` for the
-//! whole batch: group commit), and only then answers each request with its
-//! own visit number. A failed write (full disk, read-only volume) answers the
-//! batch with an error, leaves the durable count where it was, marks the
-//! store unhealthy and retries every second until a write succeeds again, so
-//! readiness recovers on its own once space is back.
+//! batch, writes the new count into the next slot of `visits.state` (format
+//! in [`format`]) and, in `group-commit` mode, `fdatasync`s it: one sync for
+//! the whole batch. Only then does it answer each request with its own
+//! visit number. Each durability mode is a small [`Policy`] the committer
+//! asks after every batch, so `periodic` syncs on time under constant load.
 //!
-//! The state file is `visits.state` in the data directory (format in
-//! [`file`]); its body is [`StoredState`] as JSON.
+//! Failures: a failed write or sync answers the batch with an error, leaves
+//! the count where it was, marks the store unhealthy and retries every
+//! second (a fresh slot write and a sync: after a failed `fdatasync` the
+//! kernel may have dropped the dirty pages, so a bare re-sync proves
+//! nothing) until it succeeds, so readiness recovers on its own. A commit
+//! stuck longer than `commit_timeout` (a hung disk) fails readiness and
+//! new visits get 503 at once; a visit whose caller stopped waiting is never
+//! counted: dropped before its commit starts, or taken back out by a
+//! compensating commit if it gave up while its commit ran.
+//!
+//! The committer talks to the disk only through [`Disk`], so the tests run
+//! this same committer over the power-cut model (`powercut`).
 
+pub mod disk;
 pub mod file;
+pub mod format;
+pub mod lock;
+pub mod policy;
+#[cfg(test)]
+pub(crate) mod powercut;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,20 +40,31 @@ use tokio::sync::oneshot;
 
 use crate::config::Durability;
 use crate::metrics::Metrics;
-use file::{AtomicFile, FileError};
+use disk::{Disk, RealDisk};
+use format::{Decoded, FormatError, SlotWriter};
+use lock::{DirLock, LockError};
+use policy::Policy;
 
 /// Name of the counter file inside the data directory.
 pub const STATE_FILE: &str = "visits.state";
-/// How often an unhealthy store retries its last write.
+/// How often an unhealthy store retries.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// Errors opening or using the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error(
+        "{path} is corrupt: {source}. Tally will not start on it and has not changed it; \
+         restore it from a backup, or move it away to start this volume from zero"
+    )]
+    Corrupt { path: PathBuf, source: FormatError },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
-    File(#[from] FileError),
-    #[error("{path} holds no valid counter state: {reason}")]
-    BadState { path: PathBuf, reason: String },
+    Lock(#[from] LockError),
     #[error(
         "cannot create or open the data directory {path}: {source} (check the volume mount and its permissions)"
     )]
@@ -51,13 +77,17 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot store this pod's identity in {path}: {reason}")]
+    Identity { path: PathBuf, reason: String },
     #[error("visit not recorded: {0}")]
     Unavailable(String),
+    #[error("visit not recorded: {0}")]
+    Stalled(String),
     #[error("the store is shutting down")]
     Closed,
 }
 
-/// The body of `visits.state`.
+/// What `visits.state` holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StoredState {
@@ -72,23 +102,47 @@ pub struct StoredState {
     pub created_unix: u64,
 }
 
+/// How the store commits.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub durability: Durability,
+    /// Sync period of [`Durability::Periodic`].
+    pub sync_interval: Duration,
+    /// Longest a visit waits for its commit; a commit running longer fails
+    /// readiness.
+    pub commit_timeout: Duration,
+}
+
 /// A read-only look at a data directory, for `tally visits`.
 pub fn inspect(data_dir: &Path) -> Result<Option<StoredState>, StoreError> {
     let path = data_dir.join(STATE_FILE);
-    file::read(&path)?
-        .map(|body| parse_state(&path, &body))
+    Ok(load(&RealDisk, &path)?.map(|decoded| decoded.state().clone()))
+}
+
+fn load(disk: &dyn Disk, path: &Path) -> Result<Option<Decoded>, StoreError> {
+    let bytes = disk.read(path).map_err(|source| StoreError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    bytes
+        .map(|bytes| {
+            format::decode(&bytes).map_err(|source| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
         .transpose()
 }
 
-fn parse_state(path: &Path, body: &[u8]) -> Result<StoredState, StoreError> {
-    serde_json::from_slice(body).map_err(|e| StoreError::BadState {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
+/// A visit waiting for its commit.
+struct Waiter {
+    reply: oneshot::Sender<Result<u64, String>>,
+    /// When it was queued (`tally_store_oldest_pending_seconds`).
+    queued: Instant,
 }
 
 enum Request {
-    Visit(oneshot::Sender<Result<u64, String>>),
+    Visit(Waiter),
     Close(oneshot::Sender<()>),
 }
 
@@ -96,10 +150,52 @@ enum Request {
 struct Shared {
     /// Fixed for the life of the data directory.
     incarnation: String,
-    /// The durable count: only ever set after a successful commit.
+    /// The acknowledged count: only ever raised after a successful commit.
     count: AtomicU64,
     /// Why the last write failed, while it keeps failing.
     unhealthy: Mutex<Option<String>>,
+    /// Origin of the two clocks below.
+    epoch: Instant,
+    /// When the commit in progress began (µs after `epoch`, plus one); 0
+    /// when none runs.
+    commit_started: AtomicU64,
+    /// When the oldest visit in the commit in progress was queued (same
+    /// encoding).
+    oldest_pending: AtomicU64,
+    /// A commit running longer than this is stuck.
+    commit_timeout: Duration,
+    /// The counter file, for messages.
+    path: PathBuf,
+    metrics: Arc<Metrics>,
+    /// The data directory's lock, released when the last handle goes.
+    _lock: Option<DirLock>,
+}
+
+impl Shared {
+    fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_micros() as u64 + 1
+    }
+
+    /// How long ago `stamp` was, `None` for 0.
+    fn age(&self, stamp: u64) -> Option<Duration> {
+        (stamp != 0).then(|| {
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_micros(stamp - 1))
+        })
+    }
+
+    /// `Some(reason)` while a commit has run past `commit_timeout`.
+    fn stuck(&self) -> Option<String> {
+        let running = self.age(self.commit_started.load(Ordering::Acquire))?;
+        (running > self.commit_timeout).then(|| {
+            format!(
+                "a commit to {} has been stuck for {} ms (hung disk?)",
+                self.path.display(),
+                running.as_millis()
+            )
+        })
+    }
 }
 
 /// Handle to the counter; cheap to clone.
@@ -110,77 +206,143 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or initialises) the counter in `data_dir` and starts the
-    /// committer thread.
+    /// Locks `data_dir`, opens (or initialises, or migrates) the counter in
+    /// it and starts the committer thread.
     pub fn open(
         data_dir: &Path,
         pod: &str,
-        durability: Durability,
-        sync_interval: Duration,
+        options: Options,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.to_path_buf(),
             source,
         })?;
+        let lock = DirLock::acquire(data_dir, pod)?;
+        Store::open_on(
+            Arc::new(RealDisk),
+            data_dir,
+            pod,
+            options,
+            metrics,
+            Some(lock),
+        )
+    }
+
+    /// [`open`](Self::open) on any [`Disk`] (the power-cut model in tests).
+    fn open_on(
+        disk: Arc<dyn Disk>,
+        data_dir: &Path,
+        pod: &str,
+        options: Options,
+        metrics: Arc<Metrics>,
+        lock: Option<DirLock>,
+    ) -> Result<Store, StoreError> {
         let path = data_dir.join(STATE_FILE);
-        let file = AtomicFile::new(path.clone()).map_err(|source| StoreError::DataDir {
-            path: data_dir.to_path_buf(),
-            source,
+        let found = load(&*disk, &path)?;
+        let mut state = match &found {
+            Some(decoded) => decoded.state().clone(),
+            None => StoredState {
+                incarnation: new_incarnation(),
+                count: 0,
+                pod: pod.to_string(),
+                created_unix: unix_now(),
+            },
+        };
+        state.pod = pod.to_string();
+        let mut writer = SlotWriter::new(&state).map_err(|reason| StoreError::Identity {
+            path: path.clone(),
+            reason,
         })?;
-        let state = match file::read(&path)? {
-            Some(body) => parse_state(&path, &body)?,
-            None => {
-                let state = StoredState {
-                    incarnation: new_incarnation(),
-                    count: 0,
-                    pod: pod.to_string(),
-                    created_unix: unix_now(),
-                };
-                write_state(&file, &state, true)
-                    .map_err(|source| StoreError::Init { path, source })?;
-                tracing::info!(data_dir = %data_dir.display(), incarnation = %state.incarnation, "initialised a new data directory");
-                state
+        let seq = match found {
+            Some(Decoded::V2 {
+                seq, other_invalid, ..
+            }) => {
+                if let Some(why) = other_invalid {
+                    tracing::warn!(file = %path.display(), %why, count = state.count,
+                        "one slot is invalid (a write torn by a crash?); the other holds the last commit");
+                }
+                seq
+            }
+            old => {
+                // A new file, or a v1 file rewritten as v2: either way one
+                // atomic replacement, so a crash leaves the old file or the
+                // new one.
+                file::replace(&*disk, &path, &writer.image(1, state.count)).map_err(|source| {
+                    StoreError::Init {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                if old.is_some() {
+                    tracing::info!(file = %path.display(), count = state.count, incarnation = %state.incarnation,
+                        "migrated the counter file from format v1 to v2 in place");
+                } else {
+                    tracing::info!(data_dir = %data_dir.display(), incarnation = %state.incarnation,
+                        "initialised a new data directory");
+                }
+                1
             }
         };
         metrics.visits.inc_by(state.count);
+        metrics.store_healthy.set(1);
         let shared = Arc::new(Shared {
             incarnation: state.incarnation.clone(),
             count: AtomicU64::new(state.count),
             unhealthy: Mutex::new(None),
+            epoch: Instant::now(),
+            commit_started: AtomicU64::new(0),
+            oldest_pending: AtomicU64::new(0),
+            commit_timeout: options.commit_timeout,
+            path: path.clone(),
+            metrics: metrics.clone(),
+            _lock: lock,
         });
         let (requests, queue) = mpsc::channel();
         let committer = Committer {
-            file,
-            state: StoredState {
-                pod: pod.to_string(),
-                ..state
-            },
+            disk,
+            writer,
+            seq,
+            count: state.count,
+            published: state.count,
+            policy: Policy::new(options.durability, options.sync_interval),
+            retry_at: None,
             shared: shared.clone(),
             metrics,
-            sync: durability == Durability::GroupCommit,
-            periodic: (durability == Durability::Periodic).then_some(sync_interval),
         };
         std::thread::Builder::new()
             .name("tally-committer".into())
             .spawn(move || committer.run(queue))
-            .map_err(|source| StoreError::Init {
-                path: data_dir.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| StoreError::Init { path, source })?;
         Ok(Store { shared, requests })
     }
 
-    /// Counts one visit; returns its number once it is stored.
+    /// Counts one visit; returns its number once it is stored. Gives up
+    /// (and the visit is then never counted) after `commit_timeout`.
     pub async fn visit(&self) -> Result<u64, StoreError> {
+        if let Some(reason) = self.shared.stuck() {
+            return Err(StoreError::Stalled(reason));
+        }
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(Request::Visit(reply))
-            .map_err(|_| StoreError::Closed)?;
-        answer
-            .await
-            .map_err(|_| StoreError::Closed)?
-            .map_err(StoreError::Unavailable)
+        let depth = &self.shared.metrics.store_queue_depth;
+        depth.inc();
+        let waiter = Waiter {
+            reply,
+            queued: Instant::now(),
+        };
+        if self.requests.send(Request::Visit(waiter)).is_err() {
+            depth.dec();
+            return Err(StoreError::Closed);
+        }
+        match tokio::time::timeout(self.shared.commit_timeout, answer).await {
+            Ok(Ok(result)) => result.map_err(StoreError::Unavailable),
+            Ok(Err(_)) => Err(StoreError::Closed),
+            // Dropping `answer` withdraws the visit (see `Committer::commit_batch`).
+            Err(_) => Err(StoreError::Stalled(format!(
+                "no commit within {} ms (hung disk?)",
+                self.shared.commit_timeout.as_millis()
+            ))),
+        }
     }
 
     /// The incarnation id of this data directory.
@@ -188,21 +350,36 @@ impl Store {
         &self.shared.incarnation
     }
 
-    /// The durable count.
+    /// The acknowledged count.
     pub fn count(&self) -> u64 {
         self.shared.count.load(Ordering::Acquire)
     }
 
-    /// `Err(reason)` while writes fail.
+    /// `Err(reason)` while writes fail or a commit is stuck.
     pub fn health(&self) -> Result<(), String> {
+        if let Some(reason) = self.shared.stuck() {
+            return Err(reason);
+        }
         match &*self.shared.unhealthy.lock().expect("poisoned") {
             Some(reason) => Err(reason.clone()),
             None => Ok(()),
         }
     }
 
-    /// Commits what is queued, syncs, and stops the committer. Visits sent
-    /// afterwards fail with [`StoreError::Closed`].
+    /// Brings the gauges that depend on the clock up to date (before a
+    /// scrape): `tally_store_oldest_pending_seconds`, `tally_store_healthy`.
+    pub fn update_gauges(&self) {
+        let shared = &self.shared;
+        let oldest = shared.age(shared.oldest_pending.load(Ordering::Acquire));
+        let metrics = &shared.metrics;
+        metrics
+            .store_oldest_pending_seconds
+            .set(oldest.unwrap_or_default().as_secs_f64());
+        metrics.store_healthy.set(i64::from(self.health().is_ok()));
+    }
+
+    /// Commits what is queued, syncs (`periodic`), and stops the committer.
+    /// Visits sent afterwards fail with [`StoreError::Closed`].
     pub async fn close(&self) {
         let (done, finished) = oneshot::channel();
         if self.requests.send(Request::Close(done)).is_ok() {
@@ -225,70 +402,64 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn write_state(file: &AtomicFile, state: &StoredState, sync: bool) -> std::io::Result<()> {
-    let body = serde_json::to_vec(state).expect("state serialises");
-    file.write(&body, sync)
-}
-
 struct Committer {
-    file: AtomicFile,
-    /// What is on disk (or about to be): `count` is the durable count.
-    state: StoredState,
+    /// Where `visits.state` is. The file is opened for each commit, not
+    /// held open: an open-for-write file would keep the volume from being
+    /// remounted read-only.
+    disk: Arc<dyn Disk>,
+    writer: SlotWriter,
+    /// The last commit written successfully.
+    seq: u64,
+    /// The count tally stands behind: every acknowledged visit is in it.
+    count: u64,
+    /// The count last published to `Shared::count` and the visits metric.
+    published: u64,
+    policy: Policy,
+    /// While unhealthy: when to try again.
+    retry_at: Option<Instant>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
-    /// fdatasync every commit (group commit).
-    sync: bool,
-    /// Sync every this often instead (periodic durability).
-    periodic: Option<Duration>,
 }
 
 impl Committer {
     fn run(mut self, queue: mpsc::Receiver<Request>) {
         let mut batch = Vec::new();
-        let mut last_sync = Instant::now();
-        let mut dirty = false;
         loop {
-            let wait = match (self.is_unhealthy(), self.periodic) {
-                (true, _) => RETRY_EVERY,
-                (false, Some(every)) if dirty => every.saturating_sub(last_sync.elapsed()),
-                _ => Duration::from_secs(3600),
+            let deadline = match (self.policy.next_deadline(), self.retry_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
-            let first = match queue.recv_timeout(wait) {
-                Ok(request) => request,
-                Err(RecvTimeoutError::Timeout) => {
-                    if self.is_unhealthy() {
-                        // The outcome is recorded in `unhealthy`; nobody waits on it.
-                        let _ = self.commit(self.state.count);
-                    } else if dirty {
-                        self.sync_now();
-                        dirty = false;
-                        last_sync = Instant::now();
-                    }
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
+            let first = match deadline {
+                None => queue.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(at) => queue.recv_timeout(at.saturating_duration_since(Instant::now())),
             };
             let mut close = None;
-            for request in std::iter::once(first).chain(queue.try_iter()) {
-                match request {
-                    Request::Visit(reply) => batch.push(reply),
-                    Request::Close(done) => {
-                        close = Some(done);
-                        break;
+            match first {
+                Ok(first) => {
+                    for request in std::iter::once(first).chain(queue.try_iter()) {
+                        match request {
+                            Request::Visit(waiter) => batch.push(waiter),
+                            Request::Close(done) => {
+                                close = Some(done);
+                                break;
+                            }
+                        }
                     }
+                    self.commit_batch(&mut batch);
                 }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
-            if !batch.is_empty() {
-                let before = self.state.count;
-                let result = self.commit(before + batch.len() as u64);
-                dirty |= result.is_ok() && self.periodic.is_some();
-                for (i, reply) in batch.drain(..).enumerate() {
-                    let _ = reply.send(result.clone().map(|()| before + i as u64 + 1));
-                }
+            // After every batch, not only when the queue is idle: under
+            // constant load the queue never is.
+            let now = Instant::now();
+            if self.retry_at.is_some_and(|at| at <= now) || self.policy.sync_due(now) {
+                // The outcome is recorded in `unhealthy`; nobody waits on it.
+                let _ = self.commit(self.count, !matches!(self.policy, Policy::None));
             }
             if let Some(done) = close {
-                if dirty {
-                    self.sync_now();
+                if self.policy.next_deadline().is_some() {
+                    let _ = self.commit(self.count, true);
                 }
                 let _ = done.send(());
                 break;
@@ -296,34 +467,107 @@ impl Committer {
         }
     }
 
-    fn is_unhealthy(&self) -> bool {
-        self.shared.unhealthy.lock().expect("poisoned").is_some()
+    /// Commits the visits of `batch` (emptying it) and answers them.
+    fn commit_batch(&mut self, batch: &mut Vec<Waiter>) {
+        let taken = batch.len();
+        // A visit whose caller already gave up is never counted.
+        batch.retain(|waiter| !waiter.reply.is_closed());
+        if let Some(oldest) = batch.iter().map(|w| w.queued).min() {
+            let stamp = self.shared.stamp(oldest);
+            self.shared.oldest_pending.store(stamp, Ordering::Release);
+            let before = self.count;
+            let sync = self.policy.syncs_each_commit();
+            match self.commit(before + batch.len() as u64, sync) {
+                Ok(()) => {
+                    let mut delivered = 0;
+                    for waiter in batch.drain(..) {
+                        if waiter.reply.send(Ok(before + delivered + 1)).is_ok() {
+                            delivered += 1;
+                        }
+                    }
+                    if before + delivered < self.count {
+                        // Callers gave up while the commit ran (a slow
+                        // disk): take their visits back out, durably.
+                        tracing::warn!(
+                            withdrawn = self.count - before - delivered,
+                            "visits whose requests timed out during a slow commit are not counted"
+                        );
+                        let _ = self.commit(before + delivered, sync);
+                        // Even if that failed: the retry writes this count.
+                        self.count = before + delivered;
+                    }
+                    self.publish();
+                }
+                Err(reason) => {
+                    for waiter in batch.drain(..) {
+                        let _ = waiter.reply.send(Err(reason.clone()));
+                    }
+                }
+            }
+            self.shared.oldest_pending.store(0, Ordering::Release);
+        }
+        batch.clear();
+        self.metrics.store_queue_depth.dec_by(taken as i64);
     }
 
-    /// Writes `count`; on success it becomes the durable count.
-    fn commit(&mut self, count: u64) -> Result<(), String> {
+    fn publish(&mut self) {
+        if self.count > self.published {
+            self.metrics.visits.inc_by(self.count - self.published);
+        }
+        self.published = self.count;
+        self.shared.count.store(self.count, Ordering::Release);
+    }
+
+    /// Writes `count` as the next commit, synced when `sync`; on success it
+    /// becomes the count tally stands behind.
+    fn commit(&mut self, count: u64, sync: bool) -> Result<(), String> {
         let started = Instant::now();
-        let previous = self.state.count;
-        self.state.count = count;
-        let result = write_state(&self.file, &self.state, self.sync);
+        let stamp = self.shared.stamp(started);
+        self.shared.commit_started.store(stamp, Ordering::Release);
+        let seq = self.seq + 1;
+        let result = self.disk.open(&self.shared.path).and_then(|mut file| {
+            file.write_at(format::offset(seq), self.writer.encode(seq, count))?;
+            if sync {
+                self.metrics.store_fdatasyncs.inc();
+                file.sync_data()?;
+            }
+            Ok(())
+        });
+        self.shared.commit_started.store(0, Ordering::Release);
+        let now = Instant::now();
         self.metrics
             .commit_duration
-            .observe(started.elapsed().as_secs_f64());
+            .observe(now.duration_since(started).as_secs_f64());
         let mut unhealthy = self.shared.unhealthy.lock().expect("poisoned");
         match result {
             Ok(()) => {
-                self.metrics.commit_batch.observe((count - previous) as f64);
-                self.metrics.visits.inc_by(count - previous);
-                self.shared.count.store(count, Ordering::Release);
+                self.metrics
+                    .commit_batch
+                    .observe(count.saturating_sub(self.count) as f64);
+                // The other slot keeps commit `seq - 1` until this one is
+                // known written: only now may the next commit overwrite it.
+                self.seq = seq;
+                self.count = count;
+                self.retry_at = None;
+                if sync {
+                    self.policy.synced();
+                } else {
+                    self.policy.written(now);
+                }
                 if unhealthy.take().is_some() {
-                    tracing::info!(file = %self.file.path().display(), "store writable again");
+                    tracing::info!(file = %self.shared.path.display(), "store writable again");
                 }
                 Ok(())
             }
             Err(error) => {
-                self.state.count = previous;
                 self.metrics.commit_failures.inc();
-                let reason = format!("cannot write {}: {error}", self.file.path().display());
+                let retry = now + RETRY_EVERY;
+                self.retry_at = Some(retry);
+                if sync {
+                    // Still dirty: a failed sync is never taken for a clean one.
+                    self.policy.sync_failed(retry);
+                }
+                let reason = format!("cannot write {}: {error}", self.shared.path.display());
                 if unhealthy.as_deref() != Some(reason.as_str()) {
                     tracing::error!(%reason, "store write failed; answering 503 until it succeeds");
                 }
@@ -332,89 +576,7 @@ impl Committer {
             }
         }
     }
-
-    fn sync_now(&mut self) {
-        if let Err(error) = self.file.sync() {
-            tracing::error!(file = %self.file.path().display(), %error, "periodic sync failed");
-            *self.shared.unhealthy.lock().expect("poisoned") = Some(format!(
-                "cannot sync {}: {error}",
-                self.file.path().display()
-            ));
-        }
-    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn open(dir: &Path) -> Store {
-        Store::open(
-            dir,
-            "tally-0",
-            Durability::GroupCommit,
-            Duration::from_secs(1),
-            Arc::new(Metrics::new()),
-        )
-        .unwrap()
-    }
-
-    #[tokio::test]
-    async fn concurrent_visits_get_distinct_numbers_and_persist() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let incarnation = store.incarnation().to_string();
-        let visits = (0..500).map(|_| {
-            let store = store.clone();
-            tokio::spawn(async move { store.visit().await.unwrap() })
-        });
-        let mut numbers: Vec<u64> = futures::future::join_all(visits)
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        numbers.sort();
-        assert_eq!(numbers, (1..=500).collect::<Vec<_>>());
-        store.close().await;
-        let on_disk = inspect(dir.path()).unwrap().unwrap();
-        assert_eq!(
-            (on_disk.count, on_disk.incarnation),
-            (500, incarnation.clone())
-        );
-        let reopened = open(dir.path());
-        assert_eq!(reopened.count(), 500);
-        assert_eq!(reopened.incarnation(), incarnation);
-    }
-
-    #[tokio::test]
-    async fn new_directory_is_new_incarnation() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        assert_ne!(open(a.path()).incarnation(), open(b.path()).incarnation());
-    }
-
-    #[tokio::test]
-    async fn corrupt_state_is_an_error_and_left_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(STATE_FILE);
-        std::fs::write(&path, b"").unwrap();
-        let err = Store::open(
-            dir.path(),
-            "tally-0",
-            Durability::GroupCommit,
-            Duration::from_secs(1),
-            Arc::new(Metrics::new()),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains(STATE_FILE), "{err}");
-        assert_eq!(std::fs::read(&path).unwrap(), b"");
-    }
-
-    #[tokio::test]
-    async fn visits_after_close_fail() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        store.visit().await.unwrap();
-        store.close().await;
-        assert!(matches!(store.visit().await, Err(StoreError::Closed)));
-    }
-}
+mod tests;
