@@ -35,6 +35,12 @@ struct Cli {
     /// Pods.
     #[arg(long, default_value_t = 3)]
     replicas: u32,
+    /// Client threads visiting (GET /), half through the client Service.
+    #[arg(long, default_value_t = 4)]
+    visitors: u32,
+    /// Client threads reading /visits/total from random pods.
+    #[arg(long, default_value_t = 2)]
+    readers: u32,
     /// Seconds the runner waits for the pods to agree after each heal.
     #[arg(long, default_value_t = 50)]
     quiet_limit: u64,
@@ -75,6 +81,8 @@ fn main() -> ExitCode {
         tally_bin: tally_bin(),
         chart: workspace_root().join("chart"),
         replicas: cli.replicas,
+        visitors: cli.visitors,
+        readers: cli.readers,
         quiet_limit: Duration::from_secs(cli.quiet_limit),
     };
     match runner::run(&opts) {

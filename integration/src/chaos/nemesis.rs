@@ -22,8 +22,13 @@ pub const ALL: &[&str] = &[
     "delete-pod",
 ];
 
-/// Kinds that take a whole-cluster action, so only one of them runs per round.
-const STRUCTURAL: &[&str] = &["scale", "upgrade"];
+/// Kinds that replace pods (new network namespaces, without the network
+/// faults' rules): at most one per round, never with a network fault, or
+/// the fault would silently stop applying to the new pod.
+const REPLACING: &[&str] = &["scale", "upgrade", "delete-pod"];
+
+/// Kinds made of rules in the pods' network namespaces.
+pub const NETWORK: &[&str] = &["isolate", "partition", "loss", "slow", "dns-down"];
 
 /// Checks a `--nemesis a,b` list.
 pub fn parse_list(list: &str) -> Result<Vec<String>, String> {
@@ -51,7 +56,8 @@ pub struct Planned {
 }
 
 /// Chooses a round's faults: one or two distinct kinds from `enabled`, at
-/// most one structural, on random pods of `pods`.
+/// most one that replaces pods and then no network fault, on random pods of
+/// `pods`.
 pub fn plan(
     rng: &mut impl Rng,
     enabled: &[String],
@@ -66,17 +72,20 @@ pub fn plan(
         1
     };
     let mut out = Vec::new();
-    let mut structural = false;
+    let (mut replacing, mut network) = (false, false);
     for kind in kinds {
         if out.len() == n {
             break;
         }
-        if STRUCTURAL.contains(&kind.as_str()) {
-            if structural {
-                continue;
-            }
-            structural = true;
+        let (r, w) = (
+            REPLACING.contains(&kind.as_str()),
+            NETWORK.contains(&kind.as_str()),
+        );
+        if (r && (replacing || network)) || (w && replacing) {
+            continue;
         }
+        replacing |= r;
+        network |= w;
         let Some(pod) = pods.choose(rng).cloned() else {
             break;
         };
@@ -92,9 +101,11 @@ pub fn plan(
                 shuffled.shuffle(rng);
                 let cut = rng.random_range(1..shuffled.len().max(2));
                 let (a, b) = shuffled.split_at(cut.min(shuffled.len()));
+                // The target is the minority side (the one cut off).
+                let minority = if a.len() <= b.len() { a } else { b };
                 Planned {
                     kind: kind.clone(),
-                    target: pods.to_vec(),
+                    target: minority.to_vec(),
                     fault: Some(Fault::Partition {
                         groups: vec![a.to_vec(), b.to_vec()],
                     }),
@@ -165,20 +176,21 @@ mod tests {
     }
 
     #[test]
-    fn rounds_mix_every_kind_with_at_most_one_structural() {
+    fn rounds_mix_every_kind_and_never_replace_pods_under_a_network_fault() {
         let all: Vec<String> = ALL.iter().map(|s| s.to_string()).collect();
         let mut rng = StdRng::seed_from_u64(1);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..300 {
             let round = plan(&mut rng, &all, &pods(), 3);
             assert!((1..=2).contains(&round.len()));
-            assert!(
+            let count = |kinds: &[&str]| {
                 round
                     .iter()
-                    .filter(|p| STRUCTURAL.contains(&p.kind.as_str()))
+                    .filter(|p| kinds.contains(&p.kind.as_str()))
                     .count()
-                    <= 1
-            );
+            };
+            assert!(count(REPLACING) <= 1);
+            assert!(count(REPLACING) == 0 || count(NETWORK) == 0, "{round:?}");
             for p in round {
                 if let Some(Fault::Partition { groups }) = &p.fault {
                     assert!(groups.iter().all(|g| !g.is_empty()), "{groups:?}");

@@ -43,6 +43,10 @@ pub struct Options {
     pub chart: PathBuf,
     /// Pods.
     pub replicas: u32,
+    /// Client threads visiting.
+    pub visitors: u32,
+    /// Client threads reading totals.
+    pub readers: u32,
     /// How long the runner waits for agreement in a quiet period (the
     /// checker's limit, plus a margin so a slow convergence is seen).
     pub quiet_limit: Duration,
@@ -319,7 +323,7 @@ fn apply(cluster: &Cluster, o: &Options, round: u32, p: &Planned) -> Result<()> 
 /// Network faults end when the heal begins; the others (a process or the
 /// StatefulSet changed) end once every pod is Ready again.
 fn ends_at_heal(kind: &str) -> bool {
-    matches!(kind, "isolate" | "partition" | "loss" | "slow" | "dns-down")
+    nemesis::NETWORK.contains(&kind)
 }
 
 /// Runs the whole thing; the history is complete when this returns `Ok`.
@@ -345,11 +349,11 @@ pub fn run(o: &Options) -> Result<Ran> {
     });
     let seed = o.seed;
     let mut threads: Vec<JoinHandle<Result<()>>> = Vec::new();
-    for i in 0..4u64 {
+    for i in 0..u64::from(o.visitors) {
         let (c, ns) = (clients.clone(), ns.clone());
         threads.push(std::thread::spawn(move || c.visitor(&ns, seed ^ mix(i))));
     }
-    for i in 0..2u64 {
+    for i in 0..u64::from(o.readers) {
         let (c, ns) = (clients.clone(), ns.clone());
         threads.push(std::thread::spawn(move || {
             c.reader(&ns, seed ^ mix(100 + i))
