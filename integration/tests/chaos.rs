@@ -86,7 +86,7 @@ fn a_planted_stale_read_is_reported_by_the_checker() {
         &format!("plant-{}", std::process::id() % 100_000),
         &[
             "--rounds",
-            "3",
+            "6",
             "--seed",
             "9",
             "--nemesis",

@@ -109,6 +109,12 @@ impl<T: Clone + Send + Sync + 'static> Rounds<T> {
     /// Like [`join`](Self::join), also saying how the round was joined.
     pub fn enter(&self) -> (Outcome<T>, Joined) {
         let mut state = self.state.lock().expect("poisoned");
+        // Planted bug for the chaos checker's test (a test-only cargo
+        // feature): join the round in flight, as before the read barrier.
+        #[cfg(feature = "planted-bug-stale-read")]
+        if let Some(running) = &state.running {
+            return (running.clone(), Joined::Shared);
+        }
         match state.choose() {
             Choice::StartNow => {
                 let (tx, rx) = oneshot::channel();

@@ -41,6 +41,10 @@ struct Cli {
     /// Client threads reading /visits/total from random pods.
     #[arg(long, default_value_t = 2)]
     readers: u32,
+    /// The cluster DNS server caches answers like CoreDNS `cache N` (kubeadm's
+    /// Corefile: 30); 0 turns the cache off.
+    #[arg(long, default_value_t = 30)]
+    dns_cache: u32,
     /// Seconds the runner waits for the pods to agree after each heal.
     #[arg(long, default_value_t = 50)]
     quiet_limit: u64,
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         replicas: cli.replicas,
         visitors: cli.visitors,
         readers: cli.readers,
+        dns_cache: cli.dns_cache,
         quiet_limit: Duration::from_secs(cli.quiet_limit),
     };
     match runner::run(&opts) {

@@ -47,6 +47,8 @@ pub struct Options {
     pub visitors: u32,
     /// Client threads reading totals.
     pub readers: u32,
+    /// CoreDNS `cache N` of the cluster DNS server (0: none).
+    pub dns_cache: u32,
     /// How long the runner waits for agreement in a quiet period (the
     /// checker's limit, plus a margin so a slow convergence is seen).
     pub quiet_limit: Duration,
@@ -333,6 +335,7 @@ pub fn run(o: &Options) -> Result<Ran> {
     let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     let mut opts = ClusterOptions::new(&o.name, &o.sim_exe, &o.tally_bin, render(o, 0)?);
     opts.restart_backoff = Duration::from_millis(200);
+    opts.dns_cache = o.dns_cache;
     let mut cluster = Cluster::start(&opts)?;
     let status = cluster.wait_ready(Duration::from_secs(180))?;
     let port = port_of(&status);
