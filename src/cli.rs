@@ -343,9 +343,19 @@ async fn peers_command(config: &Config) -> ExitCode {
                     .iter()
                     .find(|e| e.pod == state.pod && e.incarnation == state.incarnation)
                     .map_or(0, |e| e.count);
+                // CoreDNS names endpoints `a-b-c-d.<svc>` when the pod's
+                // subdomain (the StatefulSet's serviceName) is not <svc>.
+                let mismatch = if state.pod == peer.pod {
+                    String::new()
+                } else {
+                    format!(
+                        " (answers as {}: the SRV target is not its pod name; is the StatefulSet's serviceName {}?)",
+                        state.pod, member.headless
+                    )
+                };
                 println!(
-                    "  {:20} {:21} {:>10}  {:8}  {}{me}",
-                    peer.pod,
+                    "  {:20} {:21} {:>10}  {:8}  {}{me}{mismatch}",
+                    state.pod,
                     peer.addr.to_string(),
                     count,
                     format!("{:.1}ms", took.as_secs_f64() * 1000.0),

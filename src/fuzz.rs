@@ -209,6 +209,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             pod: pod.into(),
             incarnation: incarnation.into(),
             entries,
+            announce: None,
         })
         .expect("encodes")
     };
@@ -382,6 +383,7 @@ mod tests {
                     pod: own.pod,
                     incarnation: own.incarnation,
                     entries,
+                    announce: None,
                 })
                 .expect("encodes")
             })

@@ -126,6 +126,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         addr: config.listen,
         source,
     })?;
+    // Before the first visit is served: siblings whose DNS answer is still
+    // cached without this pod count it from now on (design.md §5).
+    cluster.announce(addr).await;
     let background = cluster.spawn_background(config.refresh_interval);
     let app = Arc::new(App {
         pod: identity.pod.clone(),

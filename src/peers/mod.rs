@@ -11,13 +11,15 @@
 //! in `peers.state` on its own volume (same format and guarantees as the
 //! visit counter), so the total survives a full restart of the cluster.
 
+pub mod announced;
 pub mod client;
 pub mod rounds;
 pub mod wire;
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +30,7 @@ use crate::merge::{Counter, Entry, Key, MergeError};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::store::file::{self, AtomicFile, FileError};
 use crate::store::{Store, unix_now};
+use announced::Announced;
 use client::{FetchError, PeerClient};
 use rounds::{Joined, Rounds};
 use wire::{PeerState, PodView, Source, TotalView};
@@ -113,6 +116,12 @@ struct Inner {
     /// Wakes the persister when `counter` changed.
     changed: Notify,
     peers_file: AtomicFile,
+    /// Siblings that announced themselves before DNS lists them.
+    announced: Mutex<Announced>,
+    /// Where this pod's peer route listens, once bound: to announce it, and
+    /// to recognise itself in DNS by address when the SRV target does not
+    /// name it.
+    addr: OnceLock<SocketAddr>,
 }
 
 impl Cluster {
@@ -141,6 +150,8 @@ impl Cluster {
             last: Mutex::new(Arc::new(Round::default())),
             changed: Notify::new(),
             peers_file,
+            announced: Mutex::new(Announced::default()),
+            addr: OnceLock::new(),
         });
         let rounds = Rounds::new({
             let inner = inner.clone();
@@ -209,6 +220,7 @@ impl Cluster {
             pod: me.pod,
             incarnation: me.incarnation,
             entries,
+            announce: None,
         }
     }
 
@@ -233,8 +245,9 @@ impl Cluster {
         }
     }
 
-    /// Merges a state a sibling handed over on its way out (`PUT` on the
-    /// peer route), with the same checks as a fetched one.
+    /// Merges a state a sibling handed over on its way out, or announced
+    /// itself with when starting (`PUT` on the peer route), with the same
+    /// checks as a fetched one; an announcing sibling is a member from now.
     pub fn receive(&self, state: PeerState) -> Result<(), MergeError> {
         let me = self.inner.my_entry();
         let changed = self.inner.counter.lock().expect("poisoned").absorb(
@@ -246,42 +259,74 @@ impl Cluster {
         if changed {
             self.inner.changed.notify_one();
         }
+        if let Some(addr) = state.announce
+            && state.pod != me.pod
+        {
+            tracing::info!(pod = %state.pod, %addr, "sibling announced itself");
+            self.inner
+                .announced
+                .lock()
+                .expect("poisoned")
+                .record(&state.pod, addr, Instant::now());
+        }
         Ok(())
+    }
+
+    /// At start, before any visit is served: tells the siblings DNS lists
+    /// that this pod is a member answering at `addr` (its bound peer
+    /// address), so they count it at once even while DNS still serves a
+    /// cached answer without it. Bounded by the deadline.
+    pub async fn announce(&self, addr: SocketAddr) {
+        let _ = self.inner.addr.set(addr);
+        let told = self
+            .tell_siblings("announce", |sibling| PeerState {
+                announce: Some(reachable_at(addr, sibling)),
+                ..self.peer_state()
+            })
+            .await;
+        tracing::info!(%addr, siblings = told, "announced to the siblings");
     }
 
     /// On the way out: hands this pod's final state to every sibling, so a
     /// pod that is scaled away or replaced leaves its last count behind even
     /// if nobody fetched it since its last visits. Bounded by the deadline.
     pub async fn goodbye(&self) {
-        let Some(discovery) = &self.inner.discovery else {
-            return;
-        };
-        let deadline = self.inner.limits.deadline;
-        let started = Instant::now();
-        let Ok(members) = tokio::time::timeout(deadline, discovery.members()).await else {
-            tracing::warn!("no DNS answer in time to hand the final count over");
-            return;
-        };
-        let body = bytes::Bytes::from(serde_json::to_vec(&self.peer_state()).expect("serialises"));
-        let pushes =
-            self.inner
-                .siblings(&members.peers, started + deadline)
-                .map(|(peer, limit)| {
-                    let push = self.inner.client.push(peer.addr, body.clone(), limit);
-                    async move { (peer, push.await) }
-                });
-        let results = futures::future::join_all(pushes).await;
-        let handed = results.iter().filter(|(_, r)| r.is_ok()).count();
-        for (peer, result) in &results {
-            if let Err(error) = result {
-                tracing::warn!(peer = %peer.pod, %error, "could not hand the final count over");
-            }
-        }
+        let state = self.peer_state();
+        let handed = self.tell_siblings("hand-over", |_| state.clone()).await;
         tracing::info!(
             count = self.inner.store.count(),
             siblings = handed,
             "final count handed over"
         );
+    }
+
+    /// `PUT`s a state to every sibling DNS lists (never to itself), within
+    /// the deadline; how many took it.
+    async fn tell_siblings(&self, what: &str, state: impl Fn(SocketAddr) -> PeerState) -> usize {
+        let Some(discovery) = &self.inner.discovery else {
+            return 0;
+        };
+        let deadline = self.inner.limits.deadline;
+        let started = Instant::now();
+        let Ok(members) = tokio::time::timeout(deadline, discovery.members()).await else {
+            tracing::warn!(what, "no DNS answer in time to tell the siblings");
+            return 0;
+        };
+        let pushes =
+            self.inner
+                .siblings(&members.peers, started + deadline)
+                .map(|(peer, limit)| {
+                    let body = serde_json::to_vec(&state(peer.addr)).expect("serialises");
+                    let push = self.inner.client.push(peer.addr, body.into(), limit);
+                    async move { (peer, push.await) }
+                });
+        let results = futures::future::join_all(pushes).await;
+        for (peer, result) in &results {
+            if let Err(error) = result {
+                tracing::warn!(what, peer = %peer.pod, %error, "could not tell a sibling");
+            }
+        }
+        results.iter().filter(|(_, r)| r.is_ok()).count()
     }
 
     async fn persist_forever(self) {
@@ -422,7 +467,7 @@ impl Inner {
         members: &'a [Peer],
         deadline: Instant,
     ) -> impl Iterator<Item = (&'a Peer, Duration)> + 'a {
-        members.iter().filter(|p| p.pod != self.pod).map(move |p| {
+        members.iter().filter(|p| !self.is_me(p)).map(move |p| {
             let left = deadline.saturating_duration_since(Instant::now());
             (p, self.limits.peer_timeout.min(left))
         })
@@ -445,31 +490,48 @@ impl Inner {
                 )),
             },
         };
-        let fetches = self
-            .siblings(&members.peers, deadline)
-            .map(|(peer, limit)| {
-                let client = self.client.clone();
-                let metrics = self.metrics.clone();
-                async move {
-                    metrics.peer_fetches.inc();
-                    let t0 = Instant::now();
-                    let result = client.fetch(peer.addr, limit).await;
-                    (peer, result, t0.elapsed())
-                }
-            });
+        // DNS's answer, plus the siblings that announced themselves since;
+        // this pod under its own name even when the SRV target is an address.
+        let mut peers = members.peers;
+        self.announced
+            .lock()
+            .expect("poisoned")
+            .add_to(&mut peers, Instant::now());
+        for peer in &mut peers {
+            if self.is_me(peer) {
+                peer.pod.clone_from(&self.pod);
+            }
+        }
+        let fetches = self.siblings(&peers, deadline).map(|(peer, limit)| {
+            let client = self.client.clone();
+            let metrics = self.metrics.clone();
+            async move {
+                metrics.peer_fetches.inc();
+                let t0 = Instant::now();
+                let result = client.fetch(peer.addr, limit).await;
+                (peer, result, t0.elapsed())
+            }
+        });
         let results = futures::future::join_all(fetches).await;
         let me = self.my_entry();
         let mut outcomes = BTreeMap::new();
         let mut changed = false;
+        // SRV targets that are addresses, by the pod name they answered with.
+        let mut answered_as = BTreeMap::new();
         {
             let mut counter = self.counter.lock().expect("poisoned");
             for (peer, result, latency) in results {
+                let mut pod = peer.pod.clone();
                 let merged = result.and_then(|state| {
                     if state.pod != peer.pod {
-                        return Err(FetchError::Invalid(format!(
-                            "{} at {} answered as {:?}",
-                            peer.pod, peer.addr, state.pod
-                        )));
+                        if self.names_a_pod(&peer.pod) {
+                            return Err(FetchError::Invalid(format!(
+                                "{} at {} answered as {:?}",
+                                peer.pod, peer.addr, state.pod
+                            )));
+                        }
+                        answered_as.insert(peer.pod.clone(), state.pod.clone());
+                        pod.clone_from(&state.pod);
                     }
                     counter
                         .absorb(&sender(&state), &state.entries, &me, unix_now())
@@ -493,7 +555,7 @@ impl Inner {
                         Outcome::Failed(error.to_string())
                     }
                 };
-                outcomes.insert(peer.pod.clone(), outcome);
+                outcomes.insert(pod, outcome);
             }
         }
         if changed {
@@ -503,13 +565,69 @@ impl Inner {
         metrics
             .fanout_duration
             .observe(started.elapsed().as_secs_f64());
-        metrics.members.set(members.peers.len() as i64);
+        for peer in &mut peers {
+            if let Some(pod) = answered_as.remove(&peer.pod) {
+                peer.pod = pod;
+            }
+        }
+        metrics.members.set(peers.len() as i64);
         Round {
-            members: members.peers,
+            members: peers,
             discovery_error: members.error,
             outcomes,
         }
     }
+}
+
+impl Inner {
+    /// This pod, by name or, when the SRV target names an address, by its
+    /// peer address (a pod never calls itself).
+    fn is_me(&self, peer: &Peer) -> bool {
+        if peer.pod == self.pod {
+            return true;
+        }
+        let Some(mine) = self.addr.get() else {
+            return false;
+        };
+        peer.addr.port() == mine.port()
+            && (peer.addr.ip() == mine.ip()
+                || mine.ip().is_unspecified()
+                    && source_ip_towards(peer.addr) == Some(peer.addr.ip()))
+    }
+
+    /// Whether an SRV target's first label is a pod name of this
+    /// StatefulSet (`<statefulset>-<ordinal>`), or something else, such as
+    /// the `a-b-c-d` name CoreDNS gives endpoints of a headless Service the
+    /// StatefulSet's `serviceName` does not name.
+    fn names_a_pod(&self, label: &str) -> bool {
+        let Some(discovery) = &self.discovery else {
+            return true;
+        };
+        crate::identity::split_ordinal(label)
+            .is_some_and(|(set, _)| set == discovery.member().statefulset)
+    }
+}
+
+/// The local address this host would send from to reach `to`: one of its
+/// own addresses. A UDP "connect" only picks the route; nothing is sent.
+fn source_ip_towards(to: SocketAddr) -> Option<IpAddr> {
+    let any: SocketAddr = match to {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(to).ok()?;
+    socket.local_addr().ok().map(|a| a.ip())
+}
+
+/// Where `sibling` can reach a peer route bound at `bound`: the bound
+/// address, or, when bound to all addresses (`0.0.0.0`), the address this
+/// pod sends from towards that sibling (the pod's IP in Kubernetes).
+fn reachable_at(bound: SocketAddr, sibling: SocketAddr) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    source_ip_towards(sibling).map_or(bound, |ip| SocketAddr::new(ip, bound.port()))
 }
 
 /// The key of the counter a state speaks for.

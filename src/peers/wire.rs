@@ -17,6 +17,10 @@ pub struct PeerState {
     pub pod: String,
     pub incarnation: String,
     pub entries: Vec<Entry>,
+    /// Set when a starting pod announces itself (`PUT`): where its peer
+    /// route answers, so siblings count it before DNS lists it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<std::net::SocketAddr>,
 }
 
 /// Decodes a peer state from the bytes a sibling sent (the `GET` answer or a
