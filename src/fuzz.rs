@@ -315,7 +315,7 @@ pub fn dictionary(target: &str) -> String {
     };
     let plain: &[&str] = match target {
         "peer_state" => &["tally-0", "fuzz", "18446744073709551615", "\\x00"],
-        "store_file" => &["tally-state v1 ", "crc32=", "len=", "\\n"],
+        "store_file" => &["tally-state v1 ", "crc32=", "len=", "\\x0A"],
         _ => &[
             "group-commit",
             "periodic",
