@@ -20,6 +20,7 @@ use crate::peers::StoredPeers;
 use crate::peers::wire::{self, PeerState};
 use crate::store::StoredState;
 use crate::store::file;
+use crate::store::format::{self, Decoded, SlotWriter};
 
 /// The pod that receives the fuzzed peer states, and its own count.
 fn receiver() -> Entry {
@@ -103,22 +104,36 @@ fn absorb_checked(before: &Counter, state: &PeerState, me: &Entry) -> Option<Cou
     Some(after)
 }
 
-/// The store's file framing and the two bodies it frames (`visits.state`
-/// and `peers.state`): any bytes decode or are refused without a panic; a
-/// decoded file re-encodes to one that decodes the same; any body
-/// round-trips exactly; a cut-short or bit-flipped file is refused (a flip
-/// may only turn a header's hex digit to the other case).
+/// The store's files: `visits.state` in every format tally wrote, through
+/// the store's one decoder ([`format::decode`]), and the checksummed framing
+/// `peers.state` uses ([`file::decode`]) with its body. Any bytes decode or
+/// are refused without a panic; a decoded state re-encodes (v1 with the
+/// framing, v2 with the store's [`SlotWriter`]) to a file that decodes to
+/// the same state; any body round-trips the framing; a cut-short or
+/// bit-flipped framed file is refused (a flip may only turn a header's hex
+/// digit to the other case).
 pub fn store_file(data: &[u8]) {
+    match format::decode(data) {
+        Ok(Decoded::V1(state)) => {
+            let again = file::encode(&serde_json::to_vec(&state).expect("encodes"));
+            assert_eq!(format::decode(&again), Ok(Decoded::V1(state)));
+        }
+        Ok(Decoded::V2 { state, seq, .. }) => {
+            // `image` writes commits seq - 1 and seq, so it needs seq >= 1.
+            let seq = seq.max(1);
+            let mut writer = SlotWriter::new(&state).expect("a decoded state fits a slot again");
+            let image = writer.image(seq, state.count);
+            let expected = Decoded::V2 {
+                state,
+                seq,
+                other_invalid: None,
+            };
+            assert_eq!(format::decode(&image), Ok(expected));
+        }
+        Err(_) => {}
+    }
     if let Ok(body) = file::decode(data) {
         assert_eq!(file::decode(&file::encode(&body)), Ok(body.clone()));
-        if let Ok(state) = serde_json::from_slice::<StoredState>(&body) {
-            let again = file::encode(&serde_json::to_vec(&state).expect("encodes"));
-            let back = file::decode(&again).expect("a fresh encoding decodes");
-            assert_eq!(
-                serde_json::from_slice::<StoredState>(&back).ok(),
-                Some(state)
-            );
-        }
         if let Ok(peers) = serde_json::from_slice::<StoredPeers>(&body) {
             let again = file::encode(&serde_json::to_vec(&peers).expect("encodes"));
             let back = file::decode(&again).expect("a fresh encoding decodes");
@@ -260,28 +275,35 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ),
         ("peer_state", "not-json".into(), json("{\"pod\":")),
     ];
-    let stored = serde_json::to_vec(&StoredState {
+    let stored = StoredState {
         incarnation: "9f0c3a".into(),
         count: 42,
         pod: "tally-0".into(),
         created_unix: NOW,
-    })
-    .expect("encodes");
+    };
+    let v1_body = serde_json::to_vec(&stored).expect("encodes");
+    let v1 = file::encode(&v1_body);
+    let v2 = SlotWriter::new(&stored)
+        .expect("fits a slot")
+        .image(7, stored.count);
+    let mut torn = v2.clone();
+    torn[format::offset(7) as usize + 30] ^= 0x40;
     let peers = serde_json::to_vec(&StoredPeers {
         entries: vec![entry("tally-1", "a1", 40), entry("tally-2", "b2", 7)],
     })
     .expect("encodes");
-    let visits = file::encode(&stored);
     out.extend([
-        ("store_file", "visits".into(), visits.clone()),
+        ("store_file", "visits-v2".into(), v2),
+        ("store_file", "visits-v2-torn".into(), torn),
+        ("store_file", "visits-v1".into(), v1.clone()),
         ("store_file", "peers".into(), file::encode(&peers)),
         ("store_file", "empty-body".into(), file::encode(b"")),
         (
             "store_file",
             "truncated".into(),
-            visits[..visits.len() - 1].to_vec(),
+            v1[..v1.len() - 1].to_vec(),
         ),
-        ("store_file", "no-header".into(), stored),
+        ("store_file", "no-header".into(), v1_body),
     ]);
     out.extend([
         (
@@ -315,7 +337,7 @@ pub fn dictionary(target: &str) -> String {
     };
     let plain: &[&str] = match target {
         "peer_state" => &["tally-0", "fuzz", "18446744073709551615", "\\x00"],
-        "store_file" => &["tally-state v1 ", "crc32=", "len=", "\\x0A"],
+        "store_file" => &["TALLYVS2", "tally-state v1 ", "crc32=", "len=", "\\x0A"],
         _ => &[
             "group-commit",
             "periodic",
@@ -428,10 +450,17 @@ mod tests {
             body in proptest::collection::vec(any::<u8>(), 0..200),
             incarnation in "[0-9a-f]{0,32}",
             count in any::<u64>(),
+            seq in 1..u64::MAX,
+            flip in any::<(usize, u8)>(),
         ) {
             store_file(&body);
             let state = StoredState { incarnation, count, pod: "tally-0".into(), created_unix: NOW };
             store_file(&file::encode(&serde_json::to_vec(&state).expect("encodes")));
+            let mut image = SlotWriter::new(&state).expect("fits").image(seq, count);
+            store_file(&image);
+            let at = flip.0 % image.len();
+            image[at] ^= flip.1;
+            store_file(&image);
         }
 
         #[test]
