@@ -38,7 +38,7 @@ enum Cmd {
     /// Print the counter stored in a data directory (--data-dir).
     Visits,
     /// Show what this pod resolves: resolv.conf, the SRV answer, each member
-    /// and whether it answers (the `nslookup` of a distroless image).
+    /// and whether it answers (the deeper view behind `nslookup`).
     Peers,
     /// Validate the settings from every source and print the effective
     /// configuration; exit 0, or 64 naming the bad key and its source.
