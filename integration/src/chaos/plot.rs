@@ -68,8 +68,8 @@ pub fn script(ops: &[Op], png: &Path) -> String {
     }
     let _ = writeln!(
         out,
-        "set terminal pngcairo size 1400,700 font 'sans,10'\nset output '{}'\n\
-         set xlabel 'seconds since start'\nset ylabel 'visits'\nset key top left\nset grid",
+        "set terminal pngcairo size 1000,500 font 'sans,9'\nset output '{}'\n\
+         set xlabel 'seconds since start'\nset ylabel 'visits'\nset key bottom right\nset grid",
         png.display()
     );
     let colour = |kind: &str| match kind {
