@@ -145,7 +145,7 @@ impl Tally {
         });
         let errors = Arc::new(Mutex::new(String::new()));
         let err_sink = errors.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 err_sink.lock().unwrap().push_str(&line);
                 err_sink.lock().unwrap().push('\n');
@@ -156,7 +156,8 @@ impl Tally {
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait().ok();
-                std::thread::sleep(Duration::from_millis(100));
+                // All it wrote to stderr (the reader ends at EOF).
+                let _ = stderr_reader.join();
                 bail!(
                     "tally did not start (exit {status:?}): stderr: {} stdout: {:?}",
                     errors.lock().unwrap(),

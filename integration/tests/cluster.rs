@@ -572,8 +572,23 @@ async fn a_pod_never_calls_itself() {
             "{view}"
         );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let metrics = pods.get(0, "/metrics").await.body;
+    // Let the background refresh run rounds of its own (ten more).
+    let rounds = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tally_fanout_duration_seconds_count "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = rounds(&pods.get(0, "/metrics").await.body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let metrics = pods.get(0, "/metrics").await.body;
+        if rounds(&metrics) >= before + 10 {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "no background rounds: {metrics}");
+    };
     assert!(
         !metrics.contains("route=\"/peer/state\""),
         "tally-0 fetched itself:\n{metrics}"

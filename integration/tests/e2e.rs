@@ -180,6 +180,20 @@ impl Sampler {
         }
     }
 
+    /// Waits until `more` further samples were taken (the cluster was
+    /// observed that many more times), instead of sleeping.
+    fn wait_for(&self, more: usize) {
+        let want = self.samples.lock().unwrap().len() + more;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.samples.lock().unwrap().len() < want {
+            assert!(
+                Instant::now() < deadline,
+                "no {more} samples of /visits/total within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops and asserts the total never went down; returns the samples.
     fn finish(mut self, what: &str) -> Vec<(f64, u64, String)> {
         self.stop.store(true, Ordering::Relaxed);
@@ -251,6 +265,20 @@ impl Visitor {
             acked,
             errors,
             handle: Some(handle),
+        }
+    }
+
+    /// Waits until `more` further visits were acknowledged.
+    fn wait_for(&self, more: u64) {
+        let want = self.acked.load(Ordering::Relaxed) + more;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.acked.load(Ordering::Relaxed) < want {
+            assert!(
+                Instant::now() < deadline,
+                "no {more} visits acknowledged within 60 s: {:?}",
+                self.errors.lock().unwrap().last()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -426,7 +454,7 @@ fn three_replicas_visits_dns_peers_delete_and_liveness() {
     // Delete pod 0: it comes back with its count; the total never drops.
     let before = counts["tally-0"];
     let sampler = Sampler::start(&c);
-    std::thread::sleep(Duration::from_millis(500));
+    sampler.wait_for(5);
     let old_ip = ip_of(&c, "tally-0");
     c.delete_pod("tally-0").unwrap();
     c.wait_until("tally-0 to be replaced", Duration::from_secs(30), |s| {
@@ -436,7 +464,7 @@ fn three_replicas_visits_dns_peers_delete_and_liveness() {
     })
     .unwrap();
     c.wait_ready(Duration::from_secs(60)).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    sampler.wait_for(5);
     let samples = sampler.finish("while tally-0 was deleted");
     assert!(samples.iter().all(|s| s.1 >= 300), "{samples:?}");
     assert_eq!(
@@ -715,7 +743,8 @@ fn rolling_update_with_partition_canary_then_rest() {
     let old_rev = c.status().unwrap().update_revision;
     let visitor = Visitor::start(&c);
     let sampler = Sampler::start(&c);
-    std::thread::sleep(Duration::from_secs(1));
+    visitor.wait_for(20);
+    sampler.wait_for(5);
 
     // Canary: a template change with partition 2 replaces only tally-2.
     let msg = c
@@ -737,7 +766,10 @@ fn rolling_update_with_partition_canary_then_rest() {
         )
         .unwrap();
     assert_ne!(s.update_revision, old_rev);
-    std::thread::sleep(Duration::from_secs(3));
+    // The canary holds while the cluster keeps serving: 50 more visits and
+    // 30 more samples later, no other pod has been replaced.
+    visitor.wait_for(50);
+    sampler.wait_for(30);
     let s = c.status().unwrap();
     for p in &s.pods {
         let expected = if p.ordinal == 2 {
@@ -772,7 +804,7 @@ fn rolling_update_with_partition_canary_then_rest() {
     );
 
     let acked = visitor.finish();
-    std::thread::sleep(Duration::from_millis(500));
+    sampler.wait_for(5);
     let samples = sampler.finish("during the rolling update");
     println!(
         "rollout: {acked} visits acknowledged, {} samples, last total {}",
@@ -792,15 +824,17 @@ fn scale_3_5_2_while_visiting_keeps_the_total() {
     let c = up("e2e-scale", &[]);
     let visitor = Visitor::start(&c);
     let sampler = Sampler::start(&c);
-    std::thread::sleep(Duration::from_secs(1));
+    visitor.wait_for(20);
+    sampler.wait_for(5);
     c.scale(5).unwrap();
     c.wait_ready(Duration::from_secs(60)).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // Visits spread over all five pods before two go away.
+    visitor.wait_for(50);
     c.scale(2).unwrap();
     c.wait_ready(Duration::from_secs(60)).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    visitor.wait_for(20);
     let acked = visitor.finish();
-    std::thread::sleep(Duration::from_millis(500));
+    sampler.wait_for(5);
     let samples = sampler.finish("while scaling 3 -> 5 -> 2");
     println!(
         "scale: {acked} visits acknowledged, {} samples",

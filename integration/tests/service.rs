@@ -46,10 +46,9 @@ fn hammer(
                             ok.fetch_add(1, Ordering::SeqCst);
                         }
                         Ok(_) => {}
-                        Err(_) => {
-                            // Refused or reset: the server is gone.
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
+                        // Refused or reset: the server is gone, and every
+                        // answer this client got is counted.
+                        Err(_) => return,
                     }
                 }
             })
@@ -607,15 +606,19 @@ async fn sigterm_during_load_finishes_in_flight_requests_and_exits_0() {
     let options = TallyOptions::new(dir.path());
     let tally = Tally::start(&options).unwrap();
     let (sent, ok, tasks) = hammer(tally.addr, 32);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Under load: 200 visits acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ok.load(Ordering::SeqCst) < 200 {
+        assert!(Instant::now() < deadline, "no load: {ok:?} acknowledged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let status = tokio::task::spawn_blocking(move || tally.terminate(Duration::from_secs(15)))
         .await
         .unwrap()
         .unwrap();
-    // Let the clients see the refusals, then stop them.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    for t in &tasks {
-        t.abort();
+    // Each client stops at its first refusal, having counted every answer.
+    for t in tasks {
+        t.await.unwrap();
     }
     assert!(status.success(), "exit status {status:?}");
     let acknowledged = ok.load(Ordering::SeqCst);
