@@ -73,6 +73,52 @@ pub fn peer_state(data: &[u8]) {
     }
 }
 
+/// Structure-aware peer states for [`peer_state`]: the bytes pick two
+/// senders, their entries' keys from a few pods and incarnations (the
+/// receiver's own among them) and raw little-endian `u64` counts, so a
+/// count near `u64::MAX` is one mutation away (as JSON digits it takes
+/// twenty right ones). The real encoder writes the states.
+pub fn peer_merge(data: &[u8]) {
+    const PODS: [&str; 4] = ["tally-0", "tally-1", "tally-2", "tally-3"];
+    const INCARNATIONS: [&str; 2] = ["fuzz", "a1"];
+    let key = |b: u8| {
+        (
+            PODS[usize::from(b % 4)],
+            INCARNATIONS[usize::from(b / 4 % 2)],
+        )
+    };
+    let mut bytes = data.iter().copied();
+    let mut encoded = Vec::new();
+    while encoded.len() < 2
+        && let Some(head) = bytes.next()
+    {
+        let (pod, incarnation) = key(head);
+        let entries = (0..head / 8 % 6)
+            .map_while(|_| {
+                let (pod, incarnation) = key(bytes.next()?);
+                let mut count = [0; 8];
+                count
+                    .iter_mut()
+                    .for_each(|b| *b = bytes.next().unwrap_or(0));
+                Some(Entry {
+                    pod: pod.into(),
+                    incarnation: incarnation.into(),
+                    count: u64::from_le_bytes(count),
+                    seen_unix: NOW,
+                })
+            })
+            .collect();
+        let state = PeerState {
+            pod: pod.into(),
+            incarnation: incarnation.into(),
+            entries,
+            announce: None,
+        };
+        encoded.push(serde_json::to_vec(&state).expect("encodes"));
+    }
+    peer_state(&encoded.join(&0));
+}
+
 /// Absorbs `state` into a copy of `before`, asserts the single-state
 /// properties, and returns the result when the state was accepted.
 fn absorb_checked(before: &Counter, state: &PeerState, me: &Entry) -> Option<Counter> {
@@ -275,6 +321,36 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ),
         ("peer_state", "not-json".into(), json("{\"pod\":")),
     ];
+    // peer_merge: per state a head byte (sender = key byte, entries =
+    // head / 8 % 6), then per entry a key byte and eight count bytes.
+    let merge_seed = |states: &[(u8, &[(u8, u64)])]| -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for (sender, entries) in states {
+            bytes.push(sender + 8 * entries.len() as u8);
+            for (key, count) in *entries {
+                bytes.push(*key);
+                bytes.extend_from_slice(&count.to_le_bytes());
+            }
+        }
+        bytes
+    };
+    // Key bytes: pod = b % 4, incarnation = b / 4 % 2 ("fuzz", "a1").
+    let (t1_a1, t2_fuzz, t0_fuzz) = (5, 2, 0);
+    out.extend([
+        (
+            "peer_merge",
+            "two-siblings".into(),
+            merge_seed(&[
+                (t1_a1, &[(t1_a1, 40), (t2_fuzz, 7)]),
+                (t2_fuzz, &[(t2_fuzz, 9), (t0_fuzz, 3)]),
+            ]),
+        ),
+        (
+            "peer_merge",
+            "near-max".into(),
+            merge_seed(&[(t1_a1, &[(t1_a1, u64::MAX - 1), (t2_fuzz, 5)])]),
+        ),
+    ]);
     let stored = StoredState {
         incarnation: "9f0c3a".into(),
         count: 42,
@@ -441,6 +517,11 @@ mod tests {
         }
 
         #[test]
+        fn peer_merges_of_any_counts_hold(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+            peer_merge(&bytes);
+        }
+
+        #[test]
         fn peer_state_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             peer_state(&bytes);
         }
@@ -484,6 +565,7 @@ mod tests {
         for (target, name, bytes) in seeds() {
             match target {
                 "peer_state" => peer_state(&bytes),
+                "peer_merge" => peer_merge(&bytes),
                 "store_file" => store_file(&bytes),
                 "config_file" => config_file(&bytes),
                 other => panic!("no check for {other}"),
