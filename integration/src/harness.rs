@@ -348,6 +348,17 @@ impl ClusterDns {
 
     /// Publishes exactly these pods (name → address) as ready endpoints.
     pub fn publish(&self, pods: &[(&str, SocketAddr)]) {
+        self.publish_as(pods, true);
+    }
+
+    /// Publishes the pods as endpoints without a hostname, as CoreDNS does
+    /// when the StatefulSet's `serviceName` is another Service: SRV targets
+    /// are then `a-b-c-d.tally-headless...`, not pod names.
+    pub fn publish_by_address(&self, pods: &[(&str, SocketAddr)]) {
+        self.publish_as(pods, false);
+    }
+
+    fn publish_as(&self, pods: &[(&str, SocketAddr)], hostnames: bool) {
         let labels = BTreeMap::from([("app".to_string(), "tally".to_string())]);
         let service = ServiceRec {
             name: "tally-headless".into(),
@@ -375,7 +386,7 @@ impl ClusterDns {
                 },
                 ready: true,
                 terminating: false,
-                hostname: Some(name.to_string()),
+                hostname: hostnames.then(|| name.to_string()),
                 subdomain: Some("tally-headless".into()),
                 container_ports: vec![(Some("http".into()), addr.port())],
             })

@@ -819,3 +819,46 @@ async fn a_new_pod_is_counted_at_once_while_dns_still_serves_a_cached_answer() {
     );
     assert_eq!(pods.total(1).await.0["total"], 9);
 }
+
+/// design.md §5: when the SRV targets are not pod hostnames (the
+/// StatefulSet's `serviceName` is not the peers Service, so CoreDNS names
+/// endpoints `a-b-c-d.<svc>`), members are known by the pod name they answer
+/// with, a pod recognises itself by address (it never calls itself), and
+/// `tally peers` names the mismatch.
+#[tokio::test(flavor = "multi_thread")]
+async fn srv_targets_that_are_addresses_are_members_by_the_name_they_answer_with() {
+    let pods = Pods::start(15, 2, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
+    pods.dns
+        .publish_by_address(&[("tally-0", pods.pod(0).addr), ("tally-1", pods.pod(1).addr)]);
+    pods.visit(0, 2).await;
+    pods.visit(1, 5).await;
+    for i in 0..2 {
+        let (view, _) = pods.total(i).await;
+        assert_eq!(
+            (
+                view["total"].as_u64(),
+                view["complete"].as_bool(),
+                view["members"].as_u64()
+            ),
+            (Some(7), Some(true), Some(2)),
+            "pod {i}: {view}"
+        );
+        let other = format!("tally-{}", 1 - i);
+        assert_eq!(row(&view, &other)[0]["source"], "live", "{view}");
+        assert_eq!(view["pods"].as_array().unwrap().len(), 2, "{view}");
+    }
+    let metrics = pods.get(0, "/metrics").await.body;
+    assert!(
+        metrics.contains("tally_peer_fetches_total 1\n"),
+        "tally-0 fetched more than its one sibling (itself?): {metrics}"
+    );
+    let out = pods.options(0).arg("peers").run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dashed = pods.ip(1).to_string().replace('.', "-");
+    assert!(
+        stdout.contains("answers as tally-1")
+            && stdout.contains(&format!("{dashed}.tally-headless."))
+            && stdout.contains("serviceName"),
+        "{stdout}"
+    );
+}
