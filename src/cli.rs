@@ -1,8 +1,8 @@
 //! The command line: `tally [serve]`, `tally visits`, `tally peers`,
-//! `tally check-config`, `tally nslookup`. Flags come from the settings
-//! table in [`config`], so every setting has a flag, an environment variable
-//! and a file key. Started as `nslookup` (the image's link), the binary is
-//! [`nslookup`](crate::nslookup), busybox-style.
+//! `tally forget`, `tally check-config`, `tally nslookup`. Flags come from
+//! the settings table in [`config`], so every setting has a flag, an
+//! environment variable and a file key. Started as `nslookup` (the image's
+//! link), the binary is [`nslookup`](crate::nslookup), busybox-style.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +51,14 @@ enum Cmd {
         /// nslookup's own arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Retire a counter cluster-wide (an operator's act: a pod gone for
+    /// good, an invented entry). Asks the pod on this machine's peer port
+    /// (--peer-listen), with the peer token; the tombstone spreads to every
+    /// pod and no relay can bring the counter back.
+    Forget {
+        /// The counter, as listed by /visits/total: POD/INCARNATION.
+        counter: String,
     },
 }
 
@@ -140,6 +148,49 @@ pub fn main() -> ExitCode {
         Cmd::Peers => runtime().block_on(peers_command(&config)),
         Cmd::CheckConfig => check_config(&config),
         Cmd::Nslookup { .. } => unreachable!("handled before the settings are loaded"),
+        Cmd::Forget { counter } => runtime().block_on(forget(&config, &counter)),
+    }
+}
+
+async fn forget(config: &Config, counter: &str) -> ExitCode {
+    let Some((pod, incarnation)) = counter
+        .split_once('/')
+        .filter(|(p, i)| peers::wire::valid_name(p, i))
+    else {
+        eprintln!(
+            "tally: {counter:?} is not POD/INCARNATION (copy both from a row of /visits/total, e.g. tally-2/3f9c…)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let token = match serve::read_token(config) {
+        Ok(token) => token,
+        Err(error) => {
+            eprintln!("tally: configuration error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // The pod on this machine: its peer port, on loopback when it listens
+    // on every address.
+    let mut addr = config.peer_listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let key = crate::merge::Key {
+        pod: pod.to_string(),
+        incarnation: incarnation.to_string(),
+    };
+    let client = PeerClient::new(token.as_deref(), Duration::from_secs(2));
+    // Retiring hands the tombstone to every sibling: allow for it.
+    let limit = config.fanout_deadline + Duration::from_secs(5);
+    match client.forget(addr, &key, limit).await {
+        Ok(answer) => {
+            println!("retired {key} on every pod reachable from {addr}: {answer}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tally: cannot retire {key} through {addr}: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -221,10 +272,10 @@ fn visits(config: &Config) -> ExitCode {
     println!("incarnation     {}", state.incarnation);
     println!("created         {}", unix_time(state.created_unix));
     println!("count           {}", state.count);
-    match peers::load_peers(dir) {
-        Ok(entries) => {
-            let others: Vec<_> = entries
-                .iter()
+    match peers::load_peers(dir).map(|stored| stored.counter()) {
+        Ok(counter) => {
+            let others: Vec<_> = counter
+                .entries()
                 .filter(|e| e.incarnation != state.incarnation)
                 .collect();
             println!("known others    {}", others.len());
@@ -243,8 +294,19 @@ fn visits(config: &Config) -> ExitCode {
                     );
                 }
             }
-            let total = state.count + others.iter().map(|e| e.count).sum::<u64>();
-            println!("total known     {total}");
+            for r in counter.retired() {
+                println!(
+                    "retired         {}/{} ({} visits)",
+                    r.pod, r.incarnation, r.count
+                );
+            }
+            let total = others
+                .iter()
+                .try_fold(state.count, |sum, e| sum.checked_add(e.count));
+            match total {
+                Some(total) => println!("total known     {total}"),
+                None => println!("total known     more than 2^64 (a corrupt peers.state?)"),
+            }
             ExitCode::SUCCESS
         }
         Err(error) => {

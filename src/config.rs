@@ -41,12 +41,13 @@ macro_rules! settings {
 }
 
 settings! {
-    "listen", "TALLY_LISTEN", "0.0.0.0:8080", "Address and port to serve HTTP on";
+    "listen", "TALLY_LISTEN", "0.0.0.0:8080", "Address and port to serve clients on (every route but the peer routes)";
+    "peer_listen", "TALLY_PEER_LISTEN", "0.0.0.0:8081", "Address and port to serve siblings on (peer routes, /healthz, /readyz only)";
     "data_dir", "TALLY_DATA_DIR", "./data", "Directory holding this pod's counter (its PersistentVolume)";
     "pod_name", "POD_NAME", "", "This pod's name, <statefulset>-<ordinal> (default: the hostname)";
     "namespace", "POD_NAMESPACE", "default", "Kubernetes namespace of the pod";
     "peers_service", "TALLY_PEERS_SERVICE", "", "Headless Service whose DNS records list the siblings (empty: standalone)";
-    "peers_port_name", "TALLY_PEERS_PORT_NAME", "http", "Named port of the headless Service, as in its SRV records";
+    "peers_port_name", "TALLY_PEERS_PORT_NAME", "peer", "Named peer port of the headless Service, as in its SRV records";
     "cluster_domain", "TALLY_CLUSTER_DOMAIN", "cluster.local", "Kubernetes cluster domain";
     "dns_server", "TALLY_DNS_SERVER", "", "DNS server IP[:port] instead of /etc/resolv.conf's (for tests)";
     "dns_max_ttl_s", "TALLY_DNS_MAX_TTL_S", "5", "Longest time a DNS answer is cached, in seconds";
@@ -153,8 +154,11 @@ pub enum LogFormat {
 /// The effective, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address the HTTP server binds.
+    /// Address the client server binds.
     pub listen: SocketAddr,
+    /// Address the peer server binds: siblings only, kept apart so client
+    /// load cannot starve the peer routes or the probes (etcd's 2380).
+    pub peer_listen: SocketAddr,
     /// Where the counter lives; one directory per PersistentVolume.
     pub data_dir: PathBuf,
     /// This pod's name (`<statefulset>-<ordinal>` in a StatefulSet).
@@ -372,6 +376,10 @@ impl Raw {
                 v.parse()
                     .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8080".to_string())
             })?,
+            peer_listen: self.get("peer_listen", |v| {
+                v.parse()
+                    .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8081".to_string())
+            })?,
             data_dir: self.get("data_dir", |v| {
                 optional(v)
                     .map(PathBuf::from)
@@ -530,6 +538,8 @@ mod tests {
     fn defaults_apply_when_nothing_is_set() {
         let c = load(&[], &[("POD_NAME", "tally-0")], None).unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.peer_listen.to_string(), "0.0.0.0:8081");
+        assert_eq!(c.peers_port_name, "peer");
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.peers_service, None);
         assert_eq!(c.durability, Durability::GroupCommit);

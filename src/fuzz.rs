@@ -15,8 +15,8 @@
 use std::path::Path;
 
 use crate::config::{Config, ConfigError, ConfigFile, Source};
-use crate::merge::{Counter, Entry, Key};
-use crate::peers::StoredPeers;
+use crate::merge::{Counter, Entry};
+use crate::peers::persist::{StoredEntry, StoredPeers};
 use crate::peers::wire::{self, PeerState};
 use crate::store::StoredState;
 use crate::store::file;
@@ -36,11 +36,14 @@ fn receiver() -> Entry {
 const NOW: u64 = 1_700_000_000;
 
 /// Decodes one or two peer states (a NUL byte, which JSON never contains,
-/// separates them), runs the merge checks and asserts what the cluster
-/// total relies on: a refused state changes nothing; an accepted one only
-/// raises counts; absorbing it again changes nothing (idempotent); two
-/// states absorbed in either order give one result (commutative); a state
-/// decodes to the same thing after a re-encode.
+/// separates them) with the one decoder ([`wire::decode_state`]: parse and
+/// context-free checks), merges them ([`Counter::absorb`]) and asserts what
+/// the cluster total relies on: a refused state changes nothing; an
+/// accepted one only raises counts (or retires them), never takes a value
+/// for the receiver's own counter, and keeps the total summable; absorbing
+/// it again changes nothing (idempotent); two states absorbed in either
+/// order give one result (commutative); a state decodes to the same thing
+/// after a re-encode.
 pub fn peer_state(data: &[u8]) {
     let states: Vec<PeerState> = data
         .splitn(2, |&b| b == 0)
@@ -112,6 +115,7 @@ pub fn peer_merge(data: &[u8]) {
             pod: pod.into(),
             incarnation: incarnation.into(),
             entries,
+            retired: Vec::new(),
             announce: None,
         };
         encoded.push(serde_json::to_vec(&state).expect("encodes"));
@@ -122,29 +126,40 @@ pub fn peer_merge(data: &[u8]) {
 /// Absorbs `state` into a copy of `before`, asserts the single-state
 /// properties, and returns the result when the state was accepted.
 fn absorb_checked(before: &Counter, state: &PeerState, me: &Entry) -> Option<Counter> {
-    let from = Key {
-        pod: state.pod.clone(),
-        incarnation: state.incarnation.clone(),
-    };
+    let answered = std::collections::BTreeMap::new();
+    let absorb = |counter: &mut Counter| counter.absorb(state, &me.key(), me.count, &answered, NOW);
     let mut after = before.clone();
-    if after.absorb(&from, &state.entries, me, NOW).is_err() {
+    if absorb(&mut after).is_err() {
         assert_eq!(&after, before, "a refused state changed the counter");
         return None;
     }
+    assert!(after.total_checked().is_some(), "the total overflowed");
     for old in before.entries() {
+        if after.is_retired(&old.key()) {
+            continue;
+        }
         let now = after.get(&old.key()).expect("an entry disappeared");
         assert!(now.count >= old.count, "{old:?} went down to {now:?}");
     }
     for e in &state.entries {
+        if e.key() == me.key() {
+            assert_eq!(
+                after.get(&e.key()),
+                before.get(&e.key()),
+                "a relay changed the receiver's own counter"
+            );
+            continue;
+        }
+        if after.is_retired(&e.key()) {
+            continue;
+        }
         let known = after.get(&e.key()).expect("an accepted entry is missing");
         assert!(known.count >= e.count, "{e:?} merged as {known:?}");
     }
     let mut twice = after.clone();
-    let changed = twice
-        .absorb(&from, &state.entries, me, NOW)
-        .expect("a state accepted once is accepted again");
+    let again = absorb(&mut twice).expect("a state accepted once is accepted again");
     assert!(
-        !changed && twice == after,
+        !again.changed && twice == after,
         "absorbing the same state twice changed the counter"
     );
     Some(after)
@@ -270,6 +285,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             pod: pod.into(),
             incarnation: incarnation.into(),
             entries,
+            retired: Vec::new(),
             announce: None,
         })
         .expect("encodes")
@@ -364,8 +380,19 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         .image(7, stored.count);
     let mut torn = v2.clone();
     torn[format::offset(7) as usize + 30] ^= 0x40;
+    let stored_entry = |pod: &str, incarnation: &str, count| StoredEntry {
+        pod: pod.into(),
+        incarnation: incarnation.into(),
+        count,
+        seen_unix: NOW,
+        first_hand: None,
+    };
     let peers = serde_json::to_vec(&StoredPeers {
-        entries: vec![entry("tally-1", "a1", 40), entry("tally-2", "b2", 7)],
+        entries: vec![
+            stored_entry("tally-1", "a1", 40),
+            stored_entry("tally-2", "b2", 7),
+        ],
+        retired: Vec::new(),
     })
     .expect("encodes");
     out.extend([
@@ -466,21 +493,39 @@ mod tests {
             })
     }
 
-    /// A peer state as JSON, mostly one whose sender lists itself.
+    /// A peer state as JSON, mostly one whose sender lists itself, with
+    /// sometimes a tombstone (for one of its entries or another key).
     fn state_json() -> impl Strategy<Value = Vec<u8>> {
         (
             entry(),
             proptest::collection::vec(entry(), 0..5),
             any::<bool>(),
+            proptest::option::of(entry()),
         )
-            .prop_map(|(own, mut entries, lists_itself)| {
+            .prop_map(|(own, mut entries, lists_itself, tombstone)| {
                 if lists_itself {
                     entries.push(own.clone());
                 }
+                let retired = tombstone
+                    .map(|t| {
+                        let target = entries
+                            .first()
+                            .cloned()
+                            .filter(|_| t.count % 2 == 0)
+                            .unwrap_or(t);
+                        wire::Retired {
+                            pod: target.pod,
+                            incarnation: target.incarnation,
+                            count: target.count,
+                        }
+                    })
+                    .into_iter()
+                    .collect();
                 serde_json::to_vec(&PeerState {
                     pod: own.pod,
                     incarnation: own.incarnation,
                     entries,
+                    retired,
                     announce: None,
                 })
                 .expect("encodes")

@@ -24,6 +24,14 @@ pub struct ErrorKind {
     pub kind: &'static str,
 }
 
+/// Labels of the peer refusal counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// Why: `overflow`, `above_first_hand`, `below_known`, `too_many`, `too_large`,
+    /// `busy`, `malformed`, `bad_name`, `duplicate`, `missing_self`.
+    pub reason: &'static str,
+}
+
 /// Every metric tally exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -63,6 +71,13 @@ pub struct Metrics {
     pub total: Gauge,
     /// Requests to the peer route with a missing or wrong token.
     pub peer_auth_failures: Counter,
+    /// Counters (and tombstones) in the cluster state: bounded by the
+    /// entry limit that fits the largest peer body.
+    pub entries: Gauge,
+    /// Peer states (or relayed values in them) refused, by reason.
+    pub refusals: Family<Reason, Counter>,
+    /// Writes of `peers.state` that failed.
+    pub persist_failures: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -90,6 +105,9 @@ impl Metrics {
             coalesced: Counter::default(),
             total: Gauge::default(),
             peer_auth_failures: Counter::default(),
+            entries: Gauge::default(),
+            refusals: Family::default(),
+            persist_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -172,10 +190,30 @@ impl Metrics {
             "Peer requests refused for a missing or wrong token",
             metrics.peer_auth_failures.clone(),
         );
+        registry.register(
+            "cluster_entries",
+            "Counters and tombstones in the cluster state this pod holds",
+            metrics.entries.clone(),
+        );
+        registry.register(
+            "peer_refusals",
+            "Peer states, or relayed values in them, refused by reason",
+            metrics.refusals.clone(),
+        );
+        registry.register(
+            "peers_state_persist_failures",
+            "Writes of peers.state that failed",
+            metrics.persist_failures.clone(),
+        );
         Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// Counts one refusal of peer data.
+    pub fn refusal(&self, reason: &'static str) {
+        self.refusals.get_or_create(&Reason { reason }).inc();
     }
 
     /// The OpenMetrics text exposition.
@@ -207,6 +245,7 @@ mod tests {
                 status: 200,
             })
             .observe(0.001);
+        m.refusal("overflow");
         let text = m.encode();
         for name in [
             "tally_visits_total 3",
@@ -222,6 +261,9 @@ mod tests {
             "tally_store_queue_depth",
             "tally_store_oldest_pending_seconds",
             "tally_store_healthy",
+            "tally_cluster_entries",
+            "tally_peers_state_persist_failures_total",
+            "tally_peer_refusals_total{reason=\"overflow\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -1,15 +1,20 @@
 //! `tally serve`: assembles a running pod from its configuration — store,
-//! discovery, cluster view, HTTP server — and runs it until SIGTERM/SIGINT.
+//! discovery, cluster view, the client and peer servers — and runs it until
+//! SIGTERM/SIGINT, then shuts it down in order (see [`run`]).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::discovery::{Discovery, DiscoveryError};
+use crate::http::peer::PeerGate;
 use crate::http::{self, App, server};
 use crate::identity::{Identity, IdentityError};
+use crate::merge::Entry;
 use crate::metrics::Metrics;
 use crate::peers::client::PeerClient;
 use crate::peers::{self, Cluster, PeersError};
@@ -36,11 +41,10 @@ pub enum StartError {
     },
     #[error("the peer token file {0} is empty: put the shared token in it")]
     EmptyToken(String),
-    #[error(
-        "cannot listen on {addr}: {source} (is another process using the port? set --listen or TALLY_LISTEN)"
-    )]
+    #[error("cannot listen on {addr}: {source} (is another process using the port? set {setting})")]
     Listen {
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
+        setting: &'static str,
         source: std::io::Error,
     },
 }
@@ -93,6 +97,37 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let identity = Identity::from_config(&config)?;
     let token = read_token(&config)?;
     let metrics = Arc::new(Metrics::new());
+    let discovery = discovery(&config, &identity)?;
+    let client = PeerClient::new(token.as_deref(), config.peer_timeout);
+    let limits = peers::Limits {
+        peer_timeout: config.peer_timeout,
+        deadline: config.fanout_deadline,
+    };
+    // Before counting anything (and before opening the store): a volume
+    // restored from a backup holds less than the siblings know of it, and
+    // counting on under the same incarnation would hide the next visits
+    // behind the old count.
+    if let (Some(discovery), Some(stored)) = (&discovery, store::inspect(&config.data_dir)?) {
+        let me = Entry {
+            pod: identity.pod.clone(),
+            incarnation: stored.incarnation.clone(),
+            count: stored.count,
+            seen_unix: 0,
+        };
+        if let Some((known, from)) =
+            peers::what_siblings_know(discovery, &client, limits, &me).await
+        {
+            let forked = store::fork(&config.data_dir, &identity.pod)?;
+            tracing::warn!(
+                old_incarnation = %me.incarnation,
+                disk_count = me.count,
+                known_count = known,
+                known_by = %from,
+                new_incarnation = %forked.incarnation,
+                "this volume holds fewer visits than the siblings know of it (restored from a backup?): started a new incarnation; the old one keeps the higher count"
+            );
+        }
+    }
     let store = Store::open(
         &config.data_dir,
         &identity.pod,
@@ -103,33 +138,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         },
         metrics.clone(),
     )?;
-    let discovery = discovery(&config, &identity)?;
     let cluster = Cluster::new(
         &config.data_dir,
         &identity.pod,
         store.clone(),
         discovery,
-        PeerClient::new(token.as_deref(), config.peer_timeout),
-        peers::Limits {
-            peer_timeout: config.peer_timeout,
-            deadline: config.fanout_deadline,
-        },
+        client,
+        limits,
         metrics.clone(),
     )?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen,
-        source,
-    })?;
-    // Before the first visit is served: siblings whose DNS answer is still
-    // cached without this pod count it from now on (design.md §5).
-    cluster.announce(addr).await;
-    let background = cluster.spawn_background(config.refresh_interval);
+    let (listener, addr) = bind(config.listen, "--listen or TALLY_LISTEN").await?;
+    let (peer_listener, peer_addr) =
+        bind(config.peer_listen, "--peer-listen or TALLY_PEER_LISTEN").await?;
+    // The peer port serves first: siblings answer an announce by fetching.
+    let (stop_peers, peers_stopped) = oneshot::channel::<()>();
     let app = Arc::new(App {
         pod: identity.pod.clone(),
         store: store.clone(),
@@ -137,10 +159,29 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         metrics,
         timezone: config.timezone.clone(),
         peer_token: token,
+        peer_gate: PeerGate::default(),
         stopping: AtomicBool::new(false),
     });
+    let limits = server::Limits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        grace: config.shutdown_grace,
+    };
+    let siblings = tokio::spawn(server::serve(
+        peer_listener,
+        http::peer::router(app.clone(), config.request_timeout),
+        limits,
+        async {
+            let _ = peers_stopped.await;
+        },
+    ));
+    // Before the first visit is served: siblings whose DNS answer is still
+    // cached without this pod count it from now on (design.md §5).
+    cluster.announce(peer_addr).await;
+    let background = cluster.spawn_background(config.refresh_interval);
     tracing::info!(
         %addr,
+        %peer_addr,
         pod = %identity.pod,
         incarnation = %store.incarnation(),
         count = store.count(),
@@ -148,41 +189,67 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         peers = identity.member.as_ref().map(|m| m.srv_name()).unwrap_or_default(),
         "listening"
     );
-    let limits = server::Limits {
-        max_connections: config.max_connections,
-        header_read_timeout: config.header_read_timeout,
-        grace: config.shutdown_grace,
-    };
-    // The shutdown sequence, before the listener closes: fail readiness and
-    // keep serving for the delay (SIGTERM only: Kubernetes needs a moment to
-    // take the pod out of the Service; Ctrl-C does not), then freeze the
-    // count (queued visits commit, later ones get 503), persist, and hand
-    // the final state to the siblings while the peer route still answers.
-    let stopping = async {
-        let signal = shutdown::signal_received().await;
-        app.stopping.store(true, Ordering::Relaxed);
-        if signal == "SIGTERM" && !config.shutdown_delay.is_zero() {
-            tracing::info!(
-                signal,
-                delay_ms = config.shutdown_delay.as_millis() as u64,
-                "shutdown requested: readiness fails, still serving"
-            );
-            tokio::time::sleep(config.shutdown_delay).await;
-        } else {
-            tracing::info!(signal, "shutdown requested");
-        }
-        store.close().await;
-        cluster.persist().await;
-        cluster.goodbye().await;
-    };
-    let drained = server::serve(
+    let (stop_clients, clients_stopped) = oneshot::channel::<()>();
+    let clients = tokio::spawn(server::serve(
         listener,
         http::router(app.clone(), config.request_timeout),
         limits,
-        stopping,
-    )
-    .await;
-    drop(background);
-    tracing::info!(count = store.count(), drained, "stopped");
+        async {
+            let _ = clients_stopped.await;
+        },
+    ));
+
+    let signal = shutdown::signal_received().await;
+    // 1. Fail readiness and keep serving for the delay (SIGTERM only:
+    //    Kubernetes needs a moment to take the pod out of the Service;
+    //    Ctrl-C does not).
+    app.stopping.store(true, Ordering::Relaxed);
+    if signal == "SIGTERM" && !config.shutdown_delay.is_zero() {
+        tracing::info!(
+            signal,
+            delay_ms = config.shutdown_delay.as_millis() as u64,
+            "shutdown requested: readiness fails, still serving"
+        );
+        tokio::time::sleep(config.shutdown_delay).await;
+    } else {
+        tracing::info!(signal, "shutdown requested");
+    }
+    // 2. Drain the clients and freeze the count: queued visits commit,
+    //    later ones get 503.
+    let _ = stop_clients.send(());
+    let clients_drained = clients.await.unwrap_or(false);
+    store.close().await;
+    // 3. Hand the final state to the siblings, while this pod's own peer
+    //    port still takes theirs.
+    cluster.goodbye().await;
+    // 4. Close the peer port and drain it: after this no hand-over can
+    //    arrive, so the last one has been received.
+    let _ = stop_peers.send(());
+    let peers_drained = siblings.await.unwrap_or(false);
+    // 5. The final persist, by the only writer left: after the last
+    //    hand-over, and after the background persister stopped.
+    background.stop().await;
+    let persisted = cluster.persist().await;
+    tracing::info!(
+        count = store.count(),
+        drained = clients_drained && peers_drained,
+        persisted,
+        "stopped"
+    );
     Ok(())
+}
+
+/// Binds a listener; the error names the setting to change.
+async fn bind(
+    addr: SocketAddr,
+    setting: &'static str,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let error = |source| StartError::Listen {
+        addr,
+        setting,
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
 }

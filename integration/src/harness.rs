@@ -57,8 +57,10 @@ pub fn tally_bin() -> PathBuf {
 /// A running `tally serve`.
 pub struct Tally {
     child: Child,
-    /// Address it listens on.
+    /// Address of its client port.
     pub addr: SocketAddr,
+    /// Address of its peer port (peer routes, probes).
+    pub peer_addr: SocketAddr,
     /// Its data directory.
     pub data_dir: PathBuf,
     /// Log lines (JSON) read so far from stdout.
@@ -70,6 +72,8 @@ pub struct Tally {
 pub struct TallyOptions {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Peer port; by default port 0 on the client port's address.
+    pub peer_listen: Option<SocketAddr>,
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
 }
@@ -79,6 +83,7 @@ impl TallyOptions {
         TallyOptions {
             data_dir: data_dir.to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
+            peer_listen: None,
             env: vec![("POD_NAME".into(), "tally-0".into())],
             args: Vec::new(),
         }
@@ -95,6 +100,11 @@ impl TallyOptions {
         self
     }
 
+    pub fn peer_listen(mut self, addr: SocketAddr) -> Self {
+        self.peer_listen = Some(addr);
+        self
+    }
+
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_string());
         self
@@ -107,6 +117,12 @@ impl TallyOptions {
             .env("TALLY_LOG_LEVEL", "info")
             .env("TALLY_DATA_DIR", &self.data_dir)
             .env("TALLY_LISTEN", self.listen.to_string())
+            .env(
+                "TALLY_PEER_LISTEN",
+                self.peer_listen
+                    .unwrap_or(SocketAddr::new(self.listen.ip(), 0))
+                    .to_string(),
+            )
             // Tests stop pods often; the readiness delay is for Kubernetes.
             .env("TALLY_SHUTDOWN_DELAY_MS", "0")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -170,16 +186,27 @@ impl Tally {
             .as_str()
             .context("listening line has addr")?
             .parse()?;
+        let peer_addr = event["peer_addr"]
+            .as_str()
+            .context("listening line has peer_addr")?
+            .parse()?;
         Ok(Tally {
             child,
             addr,
+            peer_addr,
             data_dir: options.data_dir.clone(),
             logs,
         })
     }
 
+    /// URL on the client port.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// URL on the peer port.
+    pub fn peer_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.peer_addr)
     }
 
     pub fn pid(&self) -> Pid {
@@ -346,7 +373,8 @@ impl ClusterDns {
         })
     }
 
-    /// Publishes exactly these pods (name → address) as ready endpoints.
+    /// Publishes exactly these pods (name → peer address) as ready
+    /// endpoints: the SRV records `_peer._tcp` carry the peer port.
     pub fn publish(&self, pods: &[(&str, SocketAddr)]) {
         self.publish_as(pods, true);
     }
@@ -365,10 +393,10 @@ impl ClusterDns {
             namespace: "default".into(),
             cluster_ip: None,
             ports: vec![ServicePort {
-                name: Some("http".into()),
+                name: Some("peer".into()),
                 protocol: "tcp".into(),
-                port: 8080,
-                target: IntOrString::String("http".into()),
+                port: 8081,
+                target: IntOrString::String("peer".into()),
             }],
             selector: Some(labels.clone()),
             publish_not_ready: true,
@@ -388,7 +416,7 @@ impl ClusterDns {
                 terminating: false,
                 hostname: hostnames.then(|| name.to_string()),
                 subdomain: Some("tally-headless".into()),
-                container_ports: vec![(Some("http".into()), addr.port())],
+                container_ports: vec![(Some("peer".into()), addr.port())],
             })
             .collect();
         let zone = Zone::build("cluster.local", self.ttl, &[service], &records);

@@ -5,6 +5,7 @@
 //! `Allow`, both with a short body; requests with a body get 413.
 
 pub mod page;
+pub mod peer;
 pub mod server;
 
 use std::sync::Arc;
@@ -12,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
-use axum::handler::Handler;
+use axum::extract::{MatchedPath, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,12 +21,10 @@ use axum::routing::get;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::metrics::{Metrics, RouteLabels};
 use crate::peers::Cluster;
-use crate::peers::wire::{self, MAX_PEER_BODY, PEER_PATH};
 use crate::store::{Store, StoreError};
 
 /// What every handler needs.
@@ -38,13 +36,16 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Zone of the time on the page, with its IANA name.
     pub timezone: (String, TimeZone),
-    /// Token the peer route requires, if any.
+    /// Token the peer routes require, if any.
     pub peer_token: Option<String>,
+    /// Admission control of the peer port.
+    pub peer_gate: peer::PeerGate,
     /// Set on SIGTERM: readiness fails so the pod leaves the Service.
     pub stopping: std::sync::atomic::AtomicBool,
 }
 
-/// The whole API.
+/// The client port's routes: everything but the peer routes (those are on
+/// the peer port, [`peer::router`]).
 pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
     Router::new()
         .route("/", get(visit).head(head_root))
@@ -57,15 +58,7 @@ pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/metrics", get(metrics))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try / or /visits/total\n") })
-        // Everything above takes no body; the peer route below takes one
-        // only for a sibling's final state, size-limited.
         .layer(middleware::from_fn(refuse_bodies))
-        .route(
-            PEER_PATH,
-            get(peer_state.layer(middleware::from_fn(refuse_bodies)))
-                .put(receive_state)
-                .layer(DefaultBodyLimit::max(MAX_PEER_BODY)),
-        )
         .layer(middleware::from_fn(explain_405))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -84,6 +77,10 @@ enum ApiError {
     Unavailable(String),
     #[error("missing or wrong peer token")]
     Unauthorized,
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("busy: {0}; retry later")]
+    Busy(&'static str),
 }
 
 impl IntoResponse for ApiError {
@@ -94,6 +91,15 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Busy(_) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    format!("{self}\n"),
+                )
+                    .into_response();
+            }
         };
         let mut response = (status, format!("{self}\n")).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -236,43 +242,6 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.metrics.encode(),
     )
         .into_response()
-}
-
-/// The peer token check, in constant time.
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &app.peer_token else {
-        return Ok(());
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .unwrap_or_default();
-    if bool::from(presented.ct_eq(token.as_bytes())) {
-        Ok(())
-    } else {
-        app.metrics.peer_auth_failures.inc();
-        Err(ApiError::Unauthorized)
-    }
-}
-
-async fn peer_state(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    authorize(&app, &headers)?;
-    Ok(axum::Json(app.cluster.peer_state()).into_response())
-}
-
-/// A sibling's final state, handed over as it shuts down.
-async fn receive_state(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    authorize(&app, &headers)?;
-    let state = wire::decode_state(&body)
-        .map_err(|e| ApiError::BadRequest(format!("not a peer state: {e}")))?;
-    app.cluster
-        .receive(state)
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Refuses request bodies: no route takes one, and reading them would only

@@ -103,6 +103,7 @@ mod tests {
             complete: true,
             members: 1,
             pods: vec![],
+            retired: vec![],
             discovery_error: None,
         };
         let page = Page {

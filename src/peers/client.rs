@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::wire::{self, MAX_PEER_BODY, PEER_PATH, PeerState};
+use super::wire::{self, FORGET_PATH, MAX_PEER_BODY, PEER_PATH, PeerState, StateError};
 
 /// Why a fetch failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +25,8 @@ pub enum FetchError {
     Status(StatusCode),
     #[error("answer larger than {MAX_PEER_BODY} bytes")]
     TooLarge,
-    #[error("malformed answer: {0}")]
-    Malformed(String),
+    #[error("refused: {0}")]
+    Refused(#[from] StateError),
     #[error("refused: {0}")]
     Invalid(String),
 }
@@ -39,7 +39,7 @@ impl FetchError {
             FetchError::Connect(_) => "connect",
             FetchError::Status(_) => "status",
             FetchError::TooLarge => "too_large",
-            FetchError::Malformed(_) => "malformed",
+            FetchError::Refused(_) => "refused",
             FetchError::Invalid(_) => "invalid",
         }
     }
@@ -84,7 +84,7 @@ impl PeerClient {
         limit: Duration,
     ) -> Result<(), FetchError> {
         let send = async {
-            let response = self.send(http::Method::PUT, addr, state).await?;
+            let response = self.send(http::Method::PUT, addr, PEER_PATH, state).await?;
             match response.status() {
                 StatusCode::OK | StatusCode::NO_CONTENT => Ok(()),
                 status => Err(FetchError::Status(status)),
@@ -99,11 +99,12 @@ impl PeerClient {
         &self,
         method: http::Method,
         addr: SocketAddr,
+        path: &str,
         body: Bytes,
     ) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
         let mut request = Request::builder()
             .method(method)
-            .uri(format!("http://{addr}{PEER_PATH}"))
+            .uri(format!("http://{addr}{path}"))
             .header(header::ACCEPT, "application/json");
         if !body.is_empty() {
             request = request.header(header::CONTENT_TYPE, "application/json");
@@ -126,7 +127,9 @@ impl PeerClient {
     }
 
     async fn fetch_unbounded(&self, addr: SocketAddr) -> Result<PeerState, FetchError> {
-        let response = self.send(http::Method::GET, addr, Bytes::new()).await?;
+        let response = self
+            .send(http::Method::GET, addr, PEER_PATH, Bytes::new())
+            .await?;
         if response.status() != StatusCode::OK {
             return Err(FetchError::Status(response.status()));
         }
@@ -149,6 +152,41 @@ impl PeerClient {
                 }
             })?
             .to_bytes();
-        wire::decode_state(&body).map_err(|e| FetchError::Malformed(e.to_string()))
+        Ok(wire::decode_state(&body)?)
+    }
+
+    /// `tally forget`: asks the pod at `addr` to retire `counter`; returns
+    /// the pod's answer.
+    pub async fn forget(
+        &self,
+        addr: SocketAddr,
+        counter: &crate::merge::Key,
+        limit: Duration,
+    ) -> Result<String, FetchError> {
+        let ask = async {
+            let response = self
+                .send(
+                    http::Method::POST,
+                    addr,
+                    FORGET_PATH,
+                    Bytes::from(serde_json::to_vec(counter).expect("serialises")),
+                )
+                .await?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map_err(|e| FetchError::Connect(format!("reading the answer: {e}")))?
+                .to_bytes();
+            let text = String::from_utf8_lossy(&body).trim().to_string();
+            if status.is_success() {
+                Ok(text)
+            } else {
+                Err(FetchError::Invalid(format!("HTTP {status}: {text}")))
+            }
+        };
+        tokio::time::timeout(limit, ask)
+            .await
+            .unwrap_or(Err(FetchError::Timeout(limit.as_millis())))
     }
 }

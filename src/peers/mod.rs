@@ -4,69 +4,44 @@
 //! A *round* looks the members up in DNS, fetches every sibling's state at
 //! once (each within the per-peer timeout, all within the overall deadline;
 //! never this pod itself), checks and merges what came back into the
-//! [`Counter`], and records who answered. Concurrent `/visits/total` requests
-//! share rounds, but only rounds that start after they arrived ([`rounds`]):
-//! peer load does not grow with client load, and a `complete` total holds
-//! every visit acknowledged before the request. What this pod knows of the others is persisted
-//! in `peers.state` on its own volume (same format and guarantees as the
-//! visit counter), so the total survives a full restart of the cluster.
+//! [`Counter`] under the trust rules of [`merge`](crate::merge), and records
+//! who answered. Concurrent `/visits/total` requests share rounds, but only
+//! rounds that start after they arrived ([`rounds`]): peer load does not
+//! grow with client load, and a `complete` total holds every visit
+//! acknowledged before the request.
+//!
+//! - [`wire`]: the peer protocol's types and its decoder;
+//! - [`client`]: the HTTP client siblings use;
+//! - [`view`]: the pure `/visits/total` view of a round;
+//! - [`persist`]: `peers.state`, with one writer.
 
 pub mod announced;
 pub mod client;
+pub mod persist;
 pub mod rounds;
+pub mod view;
 pub mod wire;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::discovery::{Discovery, Peer};
-use crate::merge::{Counter, Entry, Key, MergeError};
+use crate::merge::{Absorbed, Counter, Entry, Key, MergeError};
 use crate::metrics::{ErrorKind, Metrics};
-use crate::store::file::{self, AtomicFile, FileError};
 use crate::store::{Store, unix_now};
 use announced::Announced;
 use client::{FetchError, PeerClient};
+use persist::PeersFile;
+pub use persist::{PEERS_FILE, PeersError, load_peers};
 use rounds::{Joined, Rounds};
-use wire::{PeerState, PodView, Source, TotalView};
-
-/// What this pod knows of the others, in its data directory.
-pub const PEERS_FILE: &str = "peers.state";
-
-/// Errors loading the persisted view.
-#[derive(Debug, thiserror::Error)]
-pub enum PeersError {
-    #[error(transparent)]
-    File(#[from] FileError),
-    #[error("{path} holds no valid peer state: {reason}")]
-    BadState { path: String, reason: String },
-}
-
-/// Body of `peers.state`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoredPeers {
-    pub entries: Vec<Entry>,
-}
-
-/// Reads `peers.state` from a data directory (empty if absent).
-pub fn load_peers(data_dir: &Path) -> Result<Vec<Entry>, PeersError> {
-    let path = data_dir.join(PEERS_FILE);
-    match file::read(&path)? {
-        None => Ok(Vec::new()),
-        Some(body) => serde_json::from_slice::<StoredPeers>(&body)
-            .map(|s| s.entries)
-            .map_err(|e| PeersError::BadState {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            }),
-    }
-}
+use view::{Outcome, Round};
+use wire::{MAX_ENTRIES, PeerState, Retired, TotalView};
 
 /// Fan-out limits.
 #[derive(Debug, Clone, Copy)]
@@ -75,22 +50,22 @@ pub struct Limits {
     pub deadline: Duration,
 }
 
-/// How one member fared in a round.
-#[derive(Debug, Clone)]
-enum Outcome {
-    Live {
-        incarnation: String,
-        latency: Duration,
-    },
-    Failed(String),
+/// Why `tally forget` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgetError {
+    #[error("{0} is this pod's running counter: it cannot be retired while it counts")]
+    Running(Key),
+    #[error("{0} is not a counter this pod knows (see /visits/total)")]
+    Unknown(Key),
 }
 
-/// The result of one round.
-#[derive(Debug, Default)]
-struct Round {
-    members: Vec<Peer>,
-    discovery_error: Option<String>,
-    outcomes: BTreeMap<String, Outcome>,
+/// What a hand-over or `tally forget` changed, or why it was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error(transparent)]
+    State(#[from] wire::StateError),
+    #[error(transparent)]
+    Merge(#[from] MergeError),
 }
 
 /// The cluster view of one pod; cheap to clone.
@@ -115,7 +90,10 @@ struct Inner {
     last: Mutex<Arc<Round>>,
     /// Wakes the persister when `counter` changed.
     changed: Notify,
-    peers_file: AtomicFile,
+    /// The only writer of `peers.state`.
+    file: PeersFile,
+    /// The 80 % entry-limit warning was logged (until it drops below).
+    crowded: AtomicBool,
     /// Siblings that announced themselves before DNS lists them.
     announced: Mutex<Announced>,
     /// Where this pod's peer route listens, once bound: to announce it, and
@@ -136,9 +114,7 @@ impl Cluster {
         limits: Limits,
         metrics: Arc<Metrics>,
     ) -> Result<Cluster, PeersError> {
-        let counter = Counter::from_entries(load_peers(data_dir)?);
-        let path = data_dir.join(PEERS_FILE);
-        let peers_file = AtomicFile::new(path);
+        let counter = load_peers(data_dir)?.counter();
         let inner = Arc::new(Inner {
             pod: pod.to_string(),
             store,
@@ -149,7 +125,8 @@ impl Cluster {
             counter: Mutex::new(counter),
             last: Mutex::new(Arc::new(Round::default())),
             changed: Notify::new(),
-            peers_file,
+            file: PeersFile::new(data_dir),
+            crowded: AtomicBool::new(false),
             announced: Mutex::new(Announced::default()),
             addr: OnceLock::new(),
         });
@@ -165,6 +142,7 @@ impl Cluster {
             }
         });
         let cluster = Cluster { inner, rounds };
+        cluster.inner.changed(false);
         cluster
             .inner
             .metrics
@@ -174,7 +152,7 @@ impl Cluster {
     }
 
     /// Starts the persister and, when `refresh` is set, the periodic round.
-    /// Both stop when the returned handle is dropped or aborted.
+    /// Both stop with [`Background::stop`].
     pub fn spawn_background(&self, refresh: Option<Duration>) -> Background {
         let persister = tokio::spawn(self.clone().persist_forever());
         let refresher = refresh
@@ -209,7 +187,8 @@ impl Cluster {
         view
     }
 
-    /// What the peer route answers: this pod's entry and all it knows.
+    /// What the peer route answers: this pod's entry, all it knows, and
+    /// the retired counters.
     pub fn peer_state(&self) -> PeerState {
         let me = self.inner.my_entry();
         let key = me.key();
@@ -220,45 +199,55 @@ impl Cluster {
             pod: me.pod,
             incarnation: me.incarnation,
             entries,
+            retired: counter.retired().collect(),
             announce: None,
         }
     }
 
-    /// Writes `peers.state` now (at shutdown).
-    pub async fn persist(&self) {
-        let entries: Vec<Entry> = self
+    /// Writes `peers.state` now; the final write at shutdown. Returns
+    /// whether it was written.
+    pub async fn persist(&self) -> bool {
+        let inner = self.inner.clone();
+        let result = tokio::task::spawn_blocking(move || inner.file.write(&inner.counter)).await;
+        let error = match result {
+            Ok(Ok(())) => return true,
+            Ok(Err(error)) => error.to_string(),
+            Err(error) => format!("the writer panicked: {error}"),
+        };
+        self.inner.metrics.persist_failures.inc();
+        tracing::error!(file = PEERS_FILE, %error, "cannot persist the peer view");
+        false
+    }
+
+    /// Merges a state a sibling handed over (`PUT` on the peer route): on
+    /// its way out, spreading a retirement, or announcing itself when
+    /// starting (then it is a member from now on). Current members answer
+    /// for themselves, so what it relays about them is not taken.
+    pub fn receive(&self, bytes: &[u8]) -> Result<(), ReceiveError> {
+        let state = wire::decode_state(bytes).inspect_err(|e| self.inner.refused(e.reason()))?;
+        let members: BTreeMap<String, Option<(String, u64)>> = self
+            .inner
+            .last
+            .lock()
+            .expect("poisoned")
+            .members
+            .iter()
+            .flatten()
+            .map(|pod| (pod.clone(), None))
+            .collect();
+        let me = self.inner.my_entry();
+        let absorbed = self
             .inner
             .counter
             .lock()
             .expect("poisoned")
-            .entries()
-            .collect();
-        let inner = self.inner.clone();
-        let body = serde_json::to_vec(&StoredPeers { entries }).expect("serialises");
-        let result = tokio::task::spawn_blocking(move || inner.peers_file.write(&body)).await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::error!(file = PEERS_FILE, %error, "cannot persist the peer view")
-            }
-            Err(error) => tracing::error!(%error, "peer persister panicked"),
+            .absorb(&state, &me.key(), me.count, &members, unix_now())
+            .inspect_err(|e| self.inner.refused(e.reason()))?;
+        for dispute in &absorbed.disputes {
+            self.inner.refused(dispute.reason());
+            tracing::warn!(counter = %dispute.key, %dispute, "relayed count ignored");
         }
-    }
-
-    /// Merges a state a sibling handed over on its way out, or announced
-    /// itself with when starting (`PUT` on the peer route), with the same
-    /// checks as a fetched one; an announcing sibling is a member from now.
-    pub fn receive(&self, state: PeerState) -> Result<(), MergeError> {
-        let me = self.inner.my_entry();
-        let changed = self.inner.counter.lock().expect("poisoned").absorb(
-            &sender(&state),
-            &state.entries,
-            &me,
-            unix_now(),
-        )?;
-        if changed {
-            self.inner.changed.notify_one();
-        }
+        self.inner.changed(absorbed.changed);
         if let Some(addr) = state.announce
             && state.pod != me.pod
         {
@@ -285,6 +274,41 @@ impl Cluster {
             })
             .await;
         tracing::info!(%addr, siblings = told, "announced to the siblings");
+    }
+
+    /// `tally forget`: retires a counter cluster-wide. The tombstone is
+    /// persisted here, handed to every sibling at once, and travels in
+    /// every state from now on, so no relay can bring the counter back.
+    pub async fn forget(&self, key: Key) -> Result<Retired, ForgetError> {
+        let me = self.inner.my_entry();
+        if key == me.key() {
+            return Err(ForgetError::Running(key));
+        }
+        let retired = {
+            let mut counter = self.inner.counter.lock().expect("poisoned");
+            let count = match counter.get(&key) {
+                Some(known) => known.count,
+                None if counter.is_retired(&key) => 0,
+                None => return Err(ForgetError::Unknown(key)),
+            };
+            let retired = Retired {
+                pod: key.pod.clone(),
+                incarnation: key.incarnation.clone(),
+                count,
+            };
+            counter.retire(retired.clone());
+            counter
+                .retired()
+                .find(|r| r.key() == key)
+                .unwrap_or(retired)
+        };
+        tracing::warn!(counter = %key, count = retired.count, "counter retired by an operator (tally forget)");
+        self.persist().await;
+        self.inner.changed(false);
+        let state = self.peer_state();
+        let told = self.tell_siblings("retirement", |_| state.clone()).await;
+        tracing::info!(counter = %key, siblings = told, "retirement handed to the siblings");
+        Ok(retired)
     }
 
     /// On the way out: hands this pod's final state to every sibling, so a
@@ -348,108 +372,42 @@ impl Cluster {
 
     fn view(&self, round: &Round) -> TotalView {
         let me = self.inner.my_entry();
-        let my_key = me.key();
-        let now = unix_now();
-        let counter = self.inner.counter.lock().expect("poisoned");
-        let mut pods = vec![PodView {
-            pod: me.pod.clone(),
-            incarnation: me.incarnation.clone(),
-            count: me.count,
-            source: Source::Own,
-            latency_ms: None,
-            age_s: None,
-            error: None,
-        }];
-        for entry in counter.entries().filter(|e| e.key() != my_key) {
-            let is_member = round.members.iter().any(|p| p.pod == entry.pod);
-            let (source, latency_ms, error) = match round.outcomes.get(&entry.pod) {
-                Some(Outcome::Live {
-                    incarnation,
-                    latency,
-                }) if *incarnation == entry.incarnation => (
-                    Source::Live,
-                    Some((latency.as_secs_f64() * 1e6).round() / 1e3),
-                    None,
-                ),
-                Some(Outcome::Live { incarnation, .. }) => (
-                    Source::Cached,
-                    None,
-                    Some(format!(
-                        "an earlier volume; {} now runs incarnation {incarnation}",
-                        entry.pod
-                    )),
-                ),
-                Some(Outcome::Failed(error)) => (Source::Cached, None, Some(error.clone())),
-                None if entry.pod == me.pod => (
-                    Source::Cached,
-                    None,
-                    Some(format!(
-                        "an earlier volume; this pod now runs incarnation {}",
-                        me.incarnation
-                    )),
-                ),
-                None if self.inner.discovery.is_some() && !is_member => (
-                    Source::Cached,
-                    None,
-                    Some("not a current member".to_string()),
-                ),
-                None => (Source::Cached, None, None),
-            };
-            pods.push(PodView {
-                age_s: (source == Source::Cached && entry.seen_unix > 0)
-                    .then(|| now.saturating_sub(entry.seen_unix)),
-                pod: entry.pod,
-                incarnation: entry.incarnation,
-                count: entry.count,
-                source,
-                latency_ms,
-                error,
-            });
-        }
-        // A member that failed and was never heard from still gets a row,
-        // so its error is reported (it adds nothing to the total).
-        for (pod, outcome) in &round.outcomes {
-            if let Outcome::Failed(error) = outcome
-                && !pods.iter().any(|p| p.pod == *pod)
-            {
-                pods.push(PodView {
-                    pod: pod.clone(),
-                    incarnation: String::new(),
-                    count: 0,
-                    source: Source::Cached,
-                    latency_ms: None,
-                    age_s: None,
-                    error: Some(error.clone()),
-                });
-            }
-        }
-        let own_known = counter.get(&my_key).map_or(0, |k| k.count);
-        let total = counter.total() - own_known + me.count.max(own_known);
-        drop(counter);
-        let (members, complete) =
-            match &self.inner.discovery {
-                None => (1, true),
-                Some(_) => (
-                    round.members.len(),
-                    round.discovery_error.is_none()
-                        && round.members.iter().any(|p| p.pod == me.pod)
-                        && round.members.iter().filter(|p| p.pod != me.pod).all(|p| {
-                            matches!(round.outcomes.get(&p.pod), Some(Outcome::Live { .. }))
-                        }),
-                ),
-            };
-        self.inner.metrics.total.set(total as i64);
-        TotalView {
-            total,
-            complete,
-            members,
-            pods,
-            discovery_error: round.discovery_error.clone(),
-        }
+        let view = view::view(
+            &self.inner.counter.lock().expect("poisoned"),
+            round,
+            &me,
+            unix_now(),
+        );
+        self.inner.metrics.total.set(view.total as i64);
+        view
     }
 }
 
 impl Inner {
+    /// After the counter may have changed: the entry gauge, the 80 %
+    /// warning, and (when `persist`) a wake-up for the persister.
+    fn changed(&self, persist: bool) {
+        let len = self.counter.lock().expect("poisoned").len();
+        self.metrics.entries.set(len as i64);
+        let crowded = len * 5 >= MAX_ENTRIES * 4;
+        if crowded && !self.crowded.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                entries = len,
+                limit = MAX_ENTRIES,
+                "the cluster state holds over 80 % of the counters a peer body can carry; retire gone ones with `tally forget POD/INCARNATION`"
+            );
+        } else if !crowded {
+            self.crowded.store(false, Ordering::Relaxed);
+        }
+        if persist {
+            self.changed.notify_one();
+        }
+    }
+
+    fn refused(&self, reason: &'static str) {
+        self.metrics.refusal(reason);
+    }
+
     fn my_entry(&self) -> Entry {
         Entry {
             pod: self.pod.clone(),
@@ -503,50 +461,91 @@ impl Inner {
             }
         }
         let fetches = self.siblings(&peers, deadline).map(|(peer, limit)| {
+            let peer = peer.clone();
             let client = self.client.clone();
             let metrics = self.metrics.clone();
             async move {
                 metrics.peer_fetches.inc();
                 let t0 = Instant::now();
-                let result = client.fetch(peer.addr, limit).await;
+                let result = client.fetch(peer.addr, limit).await.and_then(|state| {
+                    // SRV targets that are addresses are members by the pod
+                    // name they answer with; a pod name must answer as itself.
+                    if state.pod == peer.pod || !self.names_a_pod(&peer.pod) {
+                        Ok(state)
+                    } else {
+                        Err(FetchError::Invalid(format!(
+                            "{} at {} answered as {:?}",
+                            peer.pod, peer.addr, state.pod
+                        )))
+                    }
+                });
                 (peer, result, t0.elapsed())
             }
         });
         let results = futures::future::join_all(fetches).await;
-        let me = self.my_entry();
-        let mut outcomes = BTreeMap::new();
-        let mut changed = false;
         // SRV targets that are addresses, by the pod name they answered with.
-        let mut answered_as = BTreeMap::new();
+        let answered_as: BTreeMap<String, String> = results
+            .iter()
+            .filter_map(|(peer, result, _)| {
+                let state = result.as_ref().ok()?;
+                (state.pod != peer.pod).then(|| (peer.pod.clone(), state.pod.clone()))
+            })
+            .collect();
+        for peer in &mut peers {
+            if let Some(pod) = answered_as.get(&peer.pod) {
+                peer.pod.clone_from(pod);
+            }
+        }
+        // First what every pod says for itself: the authority on its own
+        // counter, against which relays are judged.
+        let answered: BTreeMap<String, Option<(String, u64)>> = results
+            .iter()
+            .filter_map(|(_, result, _)| result.as_ref().ok())
+            .filter_map(|s| Some((s.pod.clone(), Some((s.incarnation.clone(), s.own()?.count)))))
+            .collect();
+        let me = self.my_entry();
+        let mut round = Round {
+            members: Some(peers.iter().map(|p| p.pod.clone()).collect()),
+            discovery_error: members.error,
+            ..Round::default()
+        };
+        let mut changed = false;
         {
             let mut counter = self.counter.lock().expect("poisoned");
             for (peer, result, latency) in results {
-                let mut pod = peer.pod.clone();
                 let merged = result.and_then(|state| {
-                    if state.pod != peer.pod {
-                        if self.names_a_pod(&peer.pod) {
-                            return Err(FetchError::Invalid(format!(
-                                "{} at {} answered as {:?}",
-                                peer.pod, peer.addr, state.pod
-                            )));
-                        }
-                        answered_as.insert(peer.pod.clone(), state.pod.clone());
-                        pod.clone_from(&state.pod);
-                    }
                     counter
-                        .absorb(&sender(&state), &state.entries, &me, unix_now())
-                        .map(|grew| (state.incarnation, grew))
-                        .map_err(|e| FetchError::Invalid(e.to_string()))
+                        .absorb(&state, &me.key(), me.count, &answered, unix_now())
+                        .map(|absorbed| (state.incarnation, absorbed))
+                        .map_err(|e| {
+                            self.refused(e.reason());
+                            FetchError::Invalid(e.to_string())
+                        })
                 });
                 let outcome = match merged {
-                    Ok((incarnation, grew)) => {
+                    Ok((
+                        incarnation,
+                        Absorbed {
+                            changed: grew,
+                            disputes,
+                        },
+                    )) => {
                         changed |= grew;
+                        for dispute in disputes {
+                            self.refused(dispute.reason());
+                            round
+                                .disputes
+                                .insert(dispute.key.clone(), dispute.to_string());
+                        }
                         Outcome::Live {
                             incarnation,
                             latency,
                         }
                     }
                     Err(error) => {
+                        if let FetchError::Refused(e) = &error {
+                            self.refused(e.reason());
+                        }
                         self.metrics
                             .peer_errors
                             .get_or_create(&ErrorKind { kind: error.kind() })
@@ -555,31 +554,19 @@ impl Inner {
                         Outcome::Failed(error.to_string())
                     }
                 };
-                outcomes.insert(pod, outcome);
+                let pod = answered_as.get(&peer.pod).unwrap_or(&peer.pod);
+                round.outcomes.insert(pod.clone(), outcome);
             }
         }
-        if changed {
-            self.changed.notify_one();
-        }
+        self.changed(changed);
         let metrics = &self.metrics;
         metrics
             .fanout_duration
             .observe(started.elapsed().as_secs_f64());
-        for peer in &mut peers {
-            if let Some(pod) = answered_as.remove(&peer.pod) {
-                peer.pod = pod;
-            }
-        }
         metrics.members.set(peers.len() as i64);
-        Round {
-            members: peers,
-            discovery_error: members.error,
-            outcomes,
-        }
+        round
     }
-}
 
-impl Inner {
     /// This pod, by name or, when the SRV target names an address, by its
     /// peer address (a pod never calls itself).
     fn is_me(&self, peer: &Peer) -> bool {
@@ -630,17 +617,61 @@ fn reachable_at(bound: SocketAddr, sibling: SocketAddr) -> SocketAddr {
     source_ip_towards(sibling).map_or(bound, |ip| SocketAddr::new(ip, bound.port()))
 }
 
-/// The key of the counter a state speaks for.
-fn sender(state: &PeerState) -> Key {
-    Key {
-        pod: state.pod.clone(),
-        incarnation: state.incarnation.clone(),
-    }
+/// The members other than `pod`, each with its time limit.
+fn siblings<'a>(
+    pod: &'a str,
+    limits: Limits,
+    members: &'a [Peer],
+    deadline: Instant,
+) -> impl Iterator<Item = (&'a Peer, Duration)> + 'a {
+    members.iter().filter(move |p| p.pod != pod).map(move |p| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        (p, limits.peer_timeout.min(left))
+    })
+}
+
+/// At start-up, before counting: the highest count the siblings know for
+/// this pod's own counter `me`, with who said it. Above what the disk holds,
+/// the volume was restored from a backup (or lost writes), and the pod must
+/// start a new incarnation rather than count again over visits the cluster
+/// already has. Bounded by the deadline; `None` if nobody knows more.
+pub async fn what_siblings_know(
+    discovery: &Discovery,
+    client: &PeerClient,
+    limits: Limits,
+    me: &Entry,
+) -> Option<(u64, String)> {
+    let deadline = Instant::now() + limits.deadline;
+    let members = tokio::time::timeout_at(deadline.into(), discovery.members())
+        .await
+        .ok()?;
+    let fetches = siblings(&me.pod, limits, &members.peers, deadline)
+        .map(|(peer, limit)| client.fetch(peer.addr, limit));
+    futures::future::join_all(fetches)
+        .await
+        .into_iter()
+        .flatten()
+        .filter_map(|state| {
+            let known = state.entries.iter().find(|e| e.key() == me.key())?;
+            (known.count > me.count).then(|| (known.count, state.pod.clone()))
+        })
+        .max()
 }
 
 /// Background tasks of a [`Cluster`]; aborted on drop.
 pub struct Background {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Background {
+    /// Stops the tasks and waits until they are gone, so the caller's
+    /// final persist is the last write.
+    pub async fn stop(mut self) {
+        for task in std::mem::take(&mut self.tasks) {
+            task.abort();
+            let _ = task.await;
+        }
+    }
 }
 
 impl Drop for Background {

@@ -1,35 +1,196 @@
-//! What siblings send each other, and what `/visits/total` answers.
+//! The peer protocol's types, in one place: what siblings send each other
+//! (and its single decoder, [`decode_state`]), and what
+//! `/visits/total` answers.
+//!
+//! The limits agree by construction: [`MAX_ENTRIES`] is derived from
+//! [`MAX_PEER_BODY`] and the longest entry the names allow, so the largest
+//! state a pod may hold always fits in the largest body a sibling accepts.
+
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::merge::Entry;
+use crate::merge::{Entry, Key};
 
-/// Path of the peer route.
+/// Path of the peer route (`GET`: fetch a state; `PUT`: hand one over).
 pub const PEER_PATH: &str = "/peer/state";
-/// Largest peer answer read; a longer one is cut off and refused.
+/// Path of the retire route (`POST`, used by `tally forget`).
+pub const FORGET_PATH: &str = "/peer/forget";
+/// Largest peer body read; a longer one is cut off and refused.
 pub const MAX_PEER_BODY: usize = 1024 * 1024;
+/// Longest pod name: a DNS label.
+pub const MAX_POD_LEN: usize = 63;
+/// Longest incarnation id.
+pub const MAX_INCARNATION_LEN: usize = 64;
+/// Bytes of the longest entry as serialised, with its separating comma:
+/// `{"pod":"…","incarnation":"…","count":N,"seen_unix":N},` with both
+/// names at their longest and both numbers at `u64::MAX` (20 digits).
+pub const MAX_ENTRY_BYTES: usize = r#"{"pod":"","incarnation":"","count":,"seen_unix":},"#.len()
+    + MAX_POD_LEN
+    + MAX_INCARNATION_LEN
+    + 2 * 20;
+/// Room for the state's own fields around the lists
+/// (`{"pod":…,"incarnation":…,"entries":[],"retired":[]}`).
+const STATE_OVERHEAD: usize = 256;
+/// Most entries (counters plus retirements) a state may hold: as many of
+/// the longest as fit in [`MAX_PEER_BODY`].
+pub const MAX_ENTRIES: usize = (MAX_PEER_BODY - STATE_OVERHEAD) / MAX_ENTRY_BYTES;
 
 /// The peer route's answer: the sender's own entry plus everything it knows
-/// of the others. Built from local state only; it never fans out further.
+/// of the others, and the entries retired cluster-wide. Built from local
+/// state only; it never fans out further.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PeerState {
     pub pod: String,
     pub incarnation: String,
     pub entries: Vec<Entry>,
+    /// Retired counters (`tally forget`): removed everywhere, for good.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<Retired>,
     /// Set when a starting pod announces itself (`PUT`): where its peer
     /// route answers, so siblings count it before DNS lists it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce: Option<std::net::SocketAddr>,
 }
 
-/// Decodes a peer state from the bytes a sibling sent (the `GET` answer or a
-/// hand-over's body). The one decoder for peer bytes, so both paths refuse
-/// the same things; the merge checks ([`Counter::check`]) come after it.
-///
-/// [`Counter::check`]: crate::merge::Counter::check
-pub fn decode_state(bytes: &[u8]) -> Result<PeerState, serde_json::Error> {
-    serde_json::from_slice(bytes)
+impl PeerState {
+    /// The key of the counter this state speaks for.
+    pub fn sender(&self) -> Key {
+        Key {
+            pod: self.pod.clone(),
+            incarnation: self.incarnation.clone(),
+        }
+    }
+
+    /// The sender's own entry, first-hand (present once decoded).
+    pub fn own(&self) -> Option<&Entry> {
+        self.entries
+            .iter()
+            .find(|e| e.pod == self.pod && e.incarnation == self.incarnation)
+    }
+}
+
+/// A tombstone: this counter was retired by an operator with the count it
+/// had then. A relay cannot undo it: a retired key is never merged again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct Retired {
+    pub pod: String,
+    pub incarnation: String,
+    /// The count it had when retired (shown apart in `/visits/total`).
+    pub count: u64,
+}
+
+impl Retired {
+    pub fn key(&self) -> Key {
+        Key {
+            pod: self.pod.clone(),
+            incarnation: self.incarnation.clone(),
+        }
+    }
+}
+
+/// Why a peer state was refused as a whole, before any of it was merged.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("not a peer state: {0}")]
+    Malformed(String),
+    #[error("state from {sender} has {count} entries, more than the {MAX_ENTRIES} allowed")]
+    TooMany { sender: String, count: usize },
+    #[error(
+        "{0:?} is not a pod name and incarnation (a DNS label of 1-{MAX_POD_LEN} and 1-{MAX_INCARNATION_LEN} letters, digits or '-')"
+    )]
+    BadName(String),
+    #[error("{entry} appears twice in the state from {sender}")]
+    Duplicate { sender: String, entry: String },
+    #[error("the state from {0} must contain its own entry")]
+    MissingSelf(String),
+    #[error("the counts in the state from {0} cannot be summed in 64 bits: refused whole")]
+    Overflow(String),
+}
+
+impl StateError {
+    /// Label of `tally_peer_refusals_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StateError::Malformed(_) => "malformed",
+            StateError::TooMany { .. } => "too_many",
+            StateError::BadName(_) => "bad_name",
+            StateError::Duplicate { .. } => "duplicate",
+            StateError::MissingSelf(_) => "missing_self",
+            StateError::Overflow(_) => "overflow",
+        }
+    }
+}
+
+/// Pod names are DNS labels; incarnations are short ids. Anything else in a
+/// sibling's state is refused before it reaches a page or a file.
+pub fn valid_name(pod: &str, incarnation: &str) -> bool {
+    let label = |s: &str, max: usize| {
+        !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    label(pod, MAX_POD_LEN) && label(incarnation, MAX_INCARNATION_LEN)
+}
+
+/// The one decoder of a peer state from bytes (the `GET` answer or a
+/// hand-over's body, and the fuzzers' entry point, `fuzz/`):
+/// parses it and checks everything that needs no knowledge of the
+/// cluster: names, duplicates, size, the sender's own entry, and that its
+/// counts sum in `u64`. What it means against what this pod knows is
+/// [`Counter`](crate::merge::Counter)'s business.
+pub fn decode_state(bytes: &[u8]) -> Result<PeerState, StateError> {
+    let state: PeerState =
+        serde_json::from_slice(bytes).map_err(|e| StateError::Malformed(e.to_string()))?;
+    check_peer_state(&state)?;
+    Ok(state)
+}
+
+/// The context-free checks of [`decode_state`].
+pub fn check_peer_state(state: &PeerState) -> Result<(), StateError> {
+    let sender = format!("{}/{}", state.pod, state.incarnation);
+    if !valid_name(&state.pod, &state.incarnation) {
+        return Err(StateError::BadName(sender));
+    }
+    let size = state.entries.len() + state.retired.len();
+    if size > MAX_ENTRIES {
+        return Err(StateError::TooMany {
+            sender,
+            count: size,
+        });
+    }
+    let mut seen = HashSet::new();
+    let mut sum: u64 = 0;
+    for e in &state.entries {
+        if !valid_name(&e.pod, &e.incarnation) {
+            return Err(StateError::BadName(format!("{}/{}", e.pod, e.incarnation)));
+        }
+        if !seen.insert((e.pod.as_str(), e.incarnation.as_str())) {
+            return Err(StateError::Duplicate {
+                sender,
+                entry: format!("{}/{}", e.pod, e.incarnation),
+            });
+        }
+        sum = sum
+            .checked_add(e.count)
+            .ok_or_else(|| StateError::Overflow(sender.clone()))?;
+    }
+    let mut retired = HashSet::new();
+    for r in &state.retired {
+        if !valid_name(&r.pod, &r.incarnation) {
+            return Err(StateError::BadName(format!("{}/{}", r.pod, r.incarnation)));
+        }
+        if !retired.insert((r.pod.as_str(), r.incarnation.as_str())) {
+            return Err(StateError::Duplicate {
+                sender,
+                entry: format!("{}/{} (retired)", r.pod, r.incarnation),
+            });
+        }
+    }
+    if state.own().is_none() {
+        return Err(StateError::MissingSelf(sender));
+    }
+    Ok(())
 }
 
 /// Where a row of `/visits/total` comes from.
@@ -67,6 +228,10 @@ pub struct PodView {
     pub latency_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub age_s: Option<u64>,
+    /// No pod has answered for this counter itself, to this pod: it is
+    /// known only from what others relayed (`tally forget` removes it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unconfirmed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -75,12 +240,103 @@ pub struct PodView {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TotalView {
     pub total: u64,
-    /// True only when every current member answered live.
+    /// True only when every current member answered live and nothing it
+    /// said was disputed.
     pub complete: bool,
     /// Current members (from DNS), this pod included.
     pub members: usize,
     pub pods: Vec<PodView>,
+    /// Counters retired with `tally forget`: not in `total`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<Retired>,
     /// Why the member list may be stale or empty (DNS trouble).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub discovery_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(pod: &str, inc: &str, count: u64) -> Entry {
+        Entry {
+            pod: pod.into(),
+            incarnation: inc.into(),
+            count,
+            seen_unix: 0,
+        }
+    }
+
+    fn state(entries: Vec<Entry>) -> PeerState {
+        PeerState {
+            pod: "t-1".into(),
+            incarnation: "b".into(),
+            entries,
+            retired: Vec::new(),
+            announce: None,
+        }
+    }
+
+    #[test]
+    fn decoder_refuses_what_is_wrong_on_its_face() {
+        let table: Vec<(Vec<Entry>, Option<&str>)> = vec![
+            (vec![e("t-1", "b", 50), e("t-2", "c", 3)], None),
+            (vec![e("t-1", "b", 60), e("t-1", "b", 61)], Some("twice")),
+            (vec![e("t-2", "c", 60)], Some("own entry")),
+            (
+                vec![e("t-1", "b", 60), e("<script>", "c", 1)],
+                Some("not a pod name"),
+            ),
+            (
+                vec![e("t-1", "b", 60), e("t-2", &"x".repeat(65), 1)],
+                Some("not a pod name"),
+            ),
+            (
+                vec![e("t-1", "b", 11), e("t-2", "c", u64::MAX - 5)],
+                Some("cannot be summed"),
+            ),
+            (vec![e("t-1", "b", u64::MAX)], None),
+        ];
+        for (entries, want) in table {
+            let bytes = serde_json::to_vec(&state(entries)).unwrap();
+            let got = decode_state(&bytes);
+            match want {
+                None => assert!(got.is_ok(), "{got:?}"),
+                Some(text) => {
+                    let msg = got.unwrap_err().to_string();
+                    assert!(msg.contains(text), "{msg}");
+                }
+            }
+        }
+        for bad in [&b"not json"[..], b"{}", b"{\"pod\":1}"] {
+            assert_eq!(decode_state(bad).unwrap_err().reason(), "malformed");
+        }
+    }
+
+    #[test]
+    fn the_entry_limit_fits_the_body_limit_at_the_longest_names() {
+        let entries: Vec<Entry> = (0..MAX_ENTRIES)
+            .map(|i| Entry {
+                pod: format!("{i:0>63}"),
+                incarnation: format!("{i:x>64}"),
+                count: u64::MAX / MAX_ENTRIES as u64,
+                seen_unix: u64::MAX,
+            })
+            .collect();
+        let mut longest = state(entries);
+        longest.pod = longest.entries[0].pod.clone();
+        longest.incarnation = longest.entries[0].incarnation.clone();
+        let bytes = serde_json::to_vec(&longest).unwrap();
+        assert!(
+            bytes.len() <= MAX_PEER_BODY,
+            "{} entries take {} bytes",
+            MAX_ENTRIES,
+            bytes.len()
+        );
+        decode_state(&bytes).unwrap();
+        // One more is refused, however short.
+        longest.entries.push(e("t-9", "z", 0));
+        let bytes = serde_json::to_vec(&longest).unwrap();
+        assert_eq!(decode_state(&bytes).unwrap_err().reason(), "too_many");
+    }
 }

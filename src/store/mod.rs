@@ -388,6 +388,29 @@ impl Store {
     }
 }
 
+/// Starts a new incarnation on this data directory (count 0), for a volume
+/// restored from a backup: the siblings know a higher count for the old
+/// incarnation, so counting on under it would hide the next visits behind
+/// that count. Call it before [`Store::open`]; it takes the directory's
+/// lock while it writes. Returns the new state.
+pub fn fork(data_dir: &Path, pod: &str) -> Result<StoredState, StoreError> {
+    let _lock = DirLock::acquire(data_dir, pod)?;
+    let path = data_dir.join(STATE_FILE);
+    let state = StoredState {
+        incarnation: new_incarnation(),
+        count: 0,
+        pod: pod.to_string(),
+        created_unix: unix_now(),
+    };
+    let mut writer = SlotWriter::new(&state).map_err(|reason| StoreError::Identity {
+        path: path.clone(),
+        reason,
+    })?;
+    file::replace(&RealDisk, &path, &writer.image(1, 0))
+        .map_err(|source| StoreError::Init { path, source })?;
+    Ok(state)
+}
+
 fn new_incarnation() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the OS random source failed");

@@ -1,0 +1,208 @@
+//! The peer port (design.md §2): what siblings call, and the probes.
+//!
+//! Kept apart from the client port (etcd's 2379/2380) so that client load
+//! cannot starve the peer routes or fail liveness, and so that only pods of
+//! the release can reach it (NetworkPolicy). A request is admitted in this
+//! order, each step before the next costs anything: the token (before a
+//! single body byte is read), a slot among [`MAX_PEER_REQUESTS`], then a
+//! share of the body budget ([`PEER_BODY_BUDGET`]) for the body it declares.
+//! Whatever does not fit is refused at once (503 with `Retry-After`) rather
+//! than queued, so stalled senders hold no memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::handler::Handler;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http_body_util::{BodyExt, Limited};
+use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_http::timeout::TimeoutLayer;
+
+use super::{ApiError, App, explain_405, healthz, observe, readyz, refuse_bodies};
+use crate::merge::Key;
+use crate::peers::wire::{FORGET_PATH, MAX_PEER_BODY, PEER_PATH};
+
+/// Most peer requests served at once; a pod has one request in flight per
+/// sibling (fan-out) plus hand-overs, so this is far above honest use.
+pub const MAX_PEER_REQUESTS: usize = 64;
+/// Bytes of peer request bodies held in memory at once, all senders
+/// together: four largest legal states.
+pub const PEER_BODY_BUDGET: usize = 4 * MAX_PEER_BODY;
+/// Budget accounting unit (semaphore permits are `u32`).
+const BUDGET_UNIT: usize = 1024;
+
+/// The peer port's admission control, shared by all its connections.
+pub struct PeerGate {
+    /// One permit per peer request in flight.
+    requests: Arc<Semaphore>,
+    /// One permit per [`BUDGET_UNIT`] of body being read.
+    budget: Arc<Semaphore>,
+}
+
+impl Default for PeerGate {
+    fn default() -> Self {
+        PeerGate {
+            requests: Arc::new(Semaphore::new(MAX_PEER_REQUESTS)),
+            budget: Arc::new(Semaphore::new(PEER_BODY_BUDGET / BUDGET_UNIT)),
+        }
+    }
+}
+
+impl PeerGate {
+    fn request_slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.requests
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Busy("too many peer requests at once"))
+    }
+
+    fn body_share(&self, bytes: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+        let units = bytes.div_ceil(BUDGET_UNIT).max(1) as u32;
+        self.budget
+            .clone()
+            .try_acquire_many_owned(units)
+            .map_err(|_| ApiError::Busy("peer body budget in use"))
+    }
+}
+
+/// The peer port's routes.
+pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
+    let peer_routes = Router::new()
+        .route(
+            PEER_PATH,
+            get(peer_state.layer(middleware::from_fn(refuse_bodies))).put(receive_state),
+        )
+        .route(FORGET_PATH, axum::routing::post(forget))
+        // The token first, then a request slot: an outsider cannot even
+        // take a slot.
+        .layer(middleware::from_fn_with_state(app.clone(), admit));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/health", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(middleware::from_fn(refuse_bodies))
+        .merge(peer_routes)
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "not found: the peer port serves /peer/state, /healthz and /readyz; clients use the client port\n",
+            )
+        })
+        .layer(middleware::from_fn(explain_405))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .with_state(app)
+}
+
+/// The token check, in constant time.
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &app.peer_token else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if bool::from(presented.ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        app.metrics.peer_auth_failures.inc();
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// Token, then a request slot; nothing of the body is read here.
+async fn admit(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let slot = match authorize(&app, request.headers()).and_then(|()| app.peer_gate.request_slot())
+    {
+        Ok(slot) => slot,
+        Err(error) => return refuse(&app, error),
+    };
+    let response = next.run(request).await;
+    drop(slot);
+    response
+}
+
+fn refuse(app: &App, error: ApiError) -> Response {
+    if let ApiError::Busy(_) = error {
+        app.metrics.refusal("busy");
+    }
+    error.into_response()
+}
+
+async fn peer_state(State(app): State<Arc<App>>) -> Response {
+    axum::Json(app.cluster.peer_state()).into_response()
+}
+
+/// A sibling's state handed over (`PUT`): on its way out, or a retirement
+/// spreading. The body is read only within its share of the budget.
+async fn receive_state(State(app): State<Arc<App>>, request: Request) -> Response {
+    let received = read_body(&app, request).await.and_then(|body| {
+        app.cluster
+            .receive(&body)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))
+    });
+    match received {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(error) => refuse(&app, error),
+    }
+}
+
+/// `tally forget`: retires a counter cluster-wide (body: `{"pod","incarnation"}`).
+async fn forget(State(app): State<Arc<App>>, request: Request) -> Response {
+    let retired = async {
+        let body = read_body(&app, request).await?;
+        let key: Key = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::BadRequest(format!("expected {{\"pod\":…,\"incarnation\":…}}: {e}"))
+        })?;
+        app.cluster
+            .forget(key)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.to_string()))
+    };
+    match retired.await {
+        Ok(retired) => axum::Json(retired).into_response(),
+        Err(error) => refuse(&app, error),
+    }
+}
+
+/// Reads a peer body within its share of the budget.
+async fn read_body(app: &App, request: Request) -> Result<bytes::Bytes, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .ok_or_else(|| ApiError::BadRequest("Content-Length is not a number".into()))
+        })
+        .transpose()?;
+    if declared.is_some_and(|n| n > MAX_PEER_BODY) {
+        app.metrics.refusal("too_large");
+        return Err(ApiError::TooLarge(MAX_PEER_BODY));
+    }
+    let limit = declared.unwrap_or(MAX_PEER_BODY);
+    let _share = app.peer_gate.body_share(limit)?;
+    Ok(Limited::new(request.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                app.metrics.refusal("too_large");
+                ApiError::TooLarge(limit)
+            } else {
+                ApiError::BadRequest(format!("reading the body: {e}"))
+            }
+        })?
+        .to_bytes())
+}
