@@ -43,10 +43,11 @@ const UID: i64 = 65532;
 const PROBE_ROUTES: [&str; 3] = ["/healthz", "/health", "/readyz"];
 /// Environment names the chart may give tally (design.md §7 and the config
 /// keys' environment twins). `TALLY_DNS_SERVER` is for tests only.
-const KNOWN_ENV: [&str; 22] = [
+const KNOWN_ENV: [&str; 23] = [
     "POD_NAME",
     "POD_NAMESPACE",
     "TALLY_LISTEN",
+    "TALLY_PEER_LISTEN",
     "TALLY_DATA_DIR",
     "TALLY_CONFIG",
     "TALLY_PEERS_SERVICE",
@@ -453,17 +454,24 @@ fn headless_service_publishes_every_pod_for_discovery() {
             "headless selector {selector:?} differs from the StatefulSet's {sts_selector:?}"
         );
 
-        // The SRV records _http._tcp.<headless> carry the Service port, and
-        // peers connect to that port on pod addresses: it must be the
-        // container's port named http.
-        let container_port = r
-            .container()
-            .ports
-            .unwrap_or_default()
-            .into_iter()
-            .find(|p| p.name.as_deref() == Some("http"))
-            .context("the container has no port named http")?
-            .container_port;
+        // The SRV records _peer._tcp.<headless> carry the Service port, and
+        // siblings connect to that port on pod addresses: it must be the
+        // container's port named peer.
+        let container_port_named = |name: &str| {
+            r.container()
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .find(|p| p.name.as_deref() == Some(name))
+                .map(|p| p.container_port)
+                .with_context(|| format!("the container has no port named {name}"))
+        };
+        let container_port = container_port_named("peer")?;
+        let client_port = container_port_named("http")?;
+        ensure!(
+            container_port != client_port,
+            "the peer port must differ from the client port ({client_port})"
+        );
         let port_name = r
             .env_value("TALLY_PEERS_PORT_NAME")
             .or_else(|| {
@@ -471,15 +479,15 @@ fn headless_service_publishes_every_pod_for_discovery() {
                     .get("peers_port_name")
                     .and_then(|v| v.as_str().map(str::to_owned))
             })
-            .unwrap_or_else(|| "http".to_owned());
+            .unwrap_or_else(|| "peer".to_owned());
         let port = spec
             .ports
             .as_ref()
             .and_then(|ports| ports.iter().find(|p| p.name.as_deref() == Some(port_name.as_str())))
             .with_context(|| format!("the headless Service has no port named {port_name:?} (the SRV name tally looks up)"))?;
         ensure!(
-            port_name == "http",
-            "peers_port_name is {port_name:?}, expected http"
+            port_name == "peer",
+            "peers_port_name is {port_name:?}, expected peer"
         );
         ensure!(
             port.port == container_port,
@@ -487,20 +495,25 @@ fn headless_service_publishes_every_pod_for_discovery() {
             port.port
         );
         ensure!(
-            matches!(&port.target_port, Some(IntOrString::String(s)) if s == "http")
+            matches!(&port.target_port, Some(IntOrString::String(s)) if s == "peer")
                 || port.target_port == Some(IntOrString::Int(container_port)),
-            "headless targetPort {:?} is not the container's http port",
+            "headless targetPort {:?} is not the container's peer port",
             port.target_port
         );
         // The image's own ENV sets TALLY_LISTEN, which beats the config
-        // file: the chart must set the listen address in the environment.
-        let listen = r.env_value("TALLY_LISTEN");
-        ensure!(
-            listen
-                .as_deref()
-                .is_some_and(|l| l.ends_with(&format!(":{container_port}"))),
-            "TALLY_LISTEN {listen:?} is not on the container port {container_port}"
-        );
+        // file: the chart must set both listen addresses in the environment.
+        for (var, want) in [
+            ("TALLY_LISTEN", client_port),
+            ("TALLY_PEER_LISTEN", container_port),
+        ] {
+            let listen = r.env_value(var);
+            ensure!(
+                listen
+                    .as_deref()
+                    .is_some_and(|l| l.ends_with(&format!(":{want}"))),
+                "{var} {listen:?} is not on the container port {want}"
+            );
+        }
 
         // The client Service respects readiness and reaches the same pods.
         let client = r.client();
@@ -739,10 +752,12 @@ fn probes_use_routes_that_never_count_a_visit() {
                         "{name} probes {path}, expected {expected}"
                     );
                     let port = &probe.http_get.as_ref().unwrap().port;
+                    // The peer port: a flood of client connections
+                    // cannot fail the probes.
                     ensure!(
-                        *port == IntOrString::String("http".into())
-                            || *port == IntOrString::Int(r.int("containerPorts.http") as i32),
-                        "{name} port {port:?} is not the tally port"
+                        *port == IntOrString::String("peer".into())
+                            || *port == IntOrString::Int(r.int("containerPorts.peer") as i32),
+                        "{name} port {port:?} is not the peer port"
                     );
                 }
             }
@@ -1417,9 +1432,10 @@ fn network_policy_admits_peers_and_dns() {
             "the NetworkPolicy does not select the tally pods"
         );
         let port = r.int("containerPorts.http") as i32;
+        let peer_port = r.int("containerPorts.peer") as i32;
         let ingress = spec.ingress.clone().unwrap_or_default();
         let peer_in = ingress.iter().any(|rule| {
-            port_is(rule.ports.as_deref().unwrap_or_default(), port, "TCP")
+            port_is(rule.ports.as_deref().unwrap_or_default(), peer_port, "TCP")
                 && rule.from.iter().flatten().any(|peer| {
                     peer.namespace_selector.is_none()
                         && peer
@@ -1431,8 +1447,31 @@ fn network_policy_admits_peers_and_dns() {
         });
         ensure!(
             peer_in,
-            "no ingress rule admits peers (this release's pods) on port {port}"
+            "no ingress rule admits peers (this release's pods) on port {peer_port}"
         );
+        // Nobody else reaches the peer port: every rule naming it admits
+        // only this release's pods.
+        for rule in &ingress {
+            let ports = rule.ports.as_deref().unwrap_or_default();
+            if ports.is_empty() || port_is(ports, peer_port, "TCP") {
+                let only_release = rule.from.as_ref().is_some_and(|from| {
+                    !from.is_empty()
+                        && from.iter().all(|peer| {
+                            peer.namespace_selector.is_none()
+                                && peer.ip_block.is_none()
+                                && peer
+                                    .pod_selector
+                                    .as_ref()
+                                    .and_then(|s| s.match_labels.as_ref())
+                                    .is_some_and(|m| labels_match(m, &labels))
+                        })
+                });
+                ensure!(
+                    only_release,
+                    "an ingress rule admits others than the release's pods on the peer port: {rule:?}"
+                );
+            }
+        }
         let client_in = ingress.iter().find(|rule| {
             port_is(rule.ports.as_deref().unwrap_or_default(), port, "TCP")
                 && rule.from.iter().flatten().all(|peer| {
@@ -1476,7 +1515,7 @@ fn network_policy_admits_peers_and_dns() {
         );
         ensure!(
             egress.iter().any(|rule| {
-                port_is(rule.ports.as_deref().unwrap_or_default(), port, "TCP")
+                port_is(rule.ports.as_deref().unwrap_or_default(), peer_port, "TCP")
                     && rule.to.iter().flatten().any(|peer| {
                         peer.pod_selector
                             .as_ref()
@@ -1484,7 +1523,7 @@ fn network_policy_admits_peers_and_dns() {
                             .is_some_and(|m| labels_match(m, &labels))
                     })
             }),
-            "no egress rule to peers on port {port}"
+            "no egress rule to peers on port {peer_port}"
         );
         let types = spec.policy_types.unwrap_or_default();
         ensure!(
@@ -1589,7 +1628,7 @@ fn notes_give_the_commands_for_this_release() {
                 r.str("clusterDomain")
             ),
             format!(
-                "_http._tcp.{headless}.{NAMESPACE}.svc.{}",
+                "_peer._tcp.{headless}.{NAMESPACE}.svc.{}",
                 r.str("clusterDomain")
             ),
             "/visits/total".to_owned(),

@@ -388,12 +388,27 @@ async fn only_get_root_counts_and_errors_are_clear() {
         "/visits/local",
         "/visits",
         "/visits/total",
-        "/peer/state",
         "/visits/local?format=text",
     ] {
         let reply = http.get(&tally.url(path)).await.unwrap();
         assert!(reply.status.is_success(), "{path}: {}", reply.status);
     }
+    // The peer port serves the peer route and the probes, and nothing else.
+    for path in ["/peer/state", "/healthz", "/health", "/readyz"] {
+        let reply = http.get(&tally.peer_url(path)).await.unwrap();
+        assert!(
+            reply.status.is_success(),
+            "peer port {path}: {}",
+            reply.status
+        );
+    }
+    for path in ["/", "/visits/total", "/metrics"] {
+        let reply = http.get(&tally.peer_url(path)).await.unwrap();
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "peer port {path}");
+    }
+    // And the client port no longer serves the peer route.
+    let peer_on_client = http.get(&tally.url("/peer/state")).await.unwrap();
+    assert_eq!(peer_on_client.status, StatusCode::NOT_FOUND);
     let head = http
         .request(Method::HEAD, &tally.url("/"), &[])
         .await
