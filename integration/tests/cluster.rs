@@ -831,8 +831,10 @@ async fn a_new_pod_is_counted_at_once_while_dns_still_serves_a_cached_answer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn srv_targets_that_are_addresses_are_members_by_the_name_they_answer_with() {
     let pods = Pods::start(15, 2, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
-    pods.dns
-        .publish_by_address(&[("tally-0", pods.pod(0).addr), ("tally-1", pods.pod(1).addr)]);
+    pods.dns.publish_by_address(&[
+        ("tally-0", pods.pod(0).peer_addr),
+        ("tally-1", pods.pod(1).peer_addr),
+    ]);
     pods.visit(0, 2).await;
     pods.visit(1, 5).await;
     for i in 0..2 {
