@@ -78,6 +78,10 @@ pub struct Metrics {
     pub refusals: Family<Reason, Counter>,
     /// Writes of `peers.state` that failed.
     pub persist_failures: Counter,
+    /// Peer states this pod served to siblings (`GET` on the peer route).
+    pub peer_served: Counter,
+    /// Body bytes of those answers: what peer traffic costs (`scripts/bench scale`).
+    pub peer_bytes_served: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -108,6 +112,8 @@ impl Metrics {
             entries: Gauge::default(),
             refusals: Family::default(),
             persist_failures: Counter::default(),
+            peer_served: Counter::default(),
+            peer_bytes_served: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -204,6 +210,14 @@ impl Metrics {
             "peers_state_persist_failures",
             "Writes of peers.state that failed",
             metrics.persist_failures.clone(),
+            "peer_requests_served",
+            "Peer states served to siblings",
+            metrics.peer_served.clone(),
+        );
+        registry.register(
+            "peer_bytes_served",
+            "Body bytes of the peer states served to siblings",
+            metrics.peer_bytes_served.clone(),
         );
         Metrics {
             registry,
@@ -264,6 +278,8 @@ mod tests {
             "tally_cluster_entries",
             "tally_peers_state_persist_failures_total",
             "tally_peer_refusals_total{reason=\"overflow\"} 1",
+            "tally_peer_requests_served_total",
+            "tally_peer_bytes_served_total",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -140,7 +140,10 @@ fn refuse(app: &App, error: ApiError) -> Response {
 }
 
 async fn peer_state(State(app): State<Arc<App>>) -> Response {
-    axum::Json(app.cluster.peer_state()).into_response()
+    let body = serde_json::to_vec(&app.cluster.peer_state()).expect("serialises");
+    app.metrics.peer_served.inc();
+    app.metrics.peer_bytes_served.inc_by(body.len() as u64);
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// A sibling's state handed over (`PUT`): on its way out, or a retirement
