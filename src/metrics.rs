@@ -210,6 +210,8 @@ impl Metrics {
             "peers_state_persist_failures",
             "Writes of peers.state that failed",
             metrics.persist_failures.clone(),
+        );
+        registry.register(
             "peer_requests_served",
             "Peer states served to siblings",
             metrics.peer_served.clone(),
