@@ -216,6 +216,22 @@ impl Counter {
         answered: &BTreeMap<String, Option<(String, u64)>>,
         now: u64,
     ) -> Result<Absorbed, MergeError> {
+        self.absorb_from(state, me, my_count, answered, now, true)
+    }
+
+    /// [`absorb`](Self::absorb), where `member` says whether the sender is
+    /// known to be a member: a state handed over by a pod nobody listed is
+    /// merged, but its own entry is not taken as first-hand (it is shown
+    /// unconfirmed until someone hears that pod itself).
+    pub fn absorb_from(
+        &mut self,
+        state: &PeerState,
+        me: &Key,
+        my_count: u64,
+        answered: &BTreeMap<String, Option<(String, u64)>>,
+        now: u64,
+        member: bool,
+    ) -> Result<Absorbed, MergeError> {
         let sender = state.sender();
         let mut retired = self.retired.clone();
         for r in &state.retired {
@@ -231,7 +247,7 @@ impl Counter {
             if retired.contains_key(&key) {
                 continue;
             }
-            let first_hand = key == sender;
+            let first_hand = key == sender && member;
             if key == *me {
                 // This pod is the authority on its own counter. (A volume
                 // restored from a backup learns it before counting: see

@@ -867,3 +867,80 @@ async fn srv_targets_that_are_addresses_are_members_by_the_name_they_answer_with
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attacks_change_no_total_and_forget_retires_everywhere() {
+    let pods = Pods::start(16, 2, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
+    pods.visit(0, 4).await;
+    pods.visit(1, 7).await;
+    assert_eq!(pods.total(0).await.0["total"], 11);
+    let inc1 = row(&pods.total(0).await.0, "tally-1")[0]["incarnation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let state = |pod: &str, entries: &str| {
+        format!(
+            r#"{{"pod":"{pod}","incarnation":"evil","entries":[{{"pod":"{pod}","incarnation":"evil","count":1}}{entries}]}}"#
+        )
+    };
+    // Overflow: refused whole, naming the sender; nothing changes.
+    let overflow = state(
+        "tally-9",
+        r#",{"pod":"tally-8","incarnation":"x","count":18446744073709551610}"#,
+    );
+    let reply = put(pods.pod(0).peer_addr, &overflow).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 400") && reply.contains("tally-9/evil"),
+        "{reply}"
+    );
+    // A forged second-hand entry above what tally-1 reports itself.
+    let forged = state(
+        "tally-9",
+        &format!(r#",{{"pod":"tally-1","incarnation":"{inc1}","count":1000000}}"#),
+    );
+    let reply = put(pods.pod(0).peer_addr, &forged).await;
+    assert!(reply.starts_with("HTTP/1.1 204"), "{reply}");
+    for i in 0..2 {
+        let (view, _) = pods.total(i).await;
+        assert_eq!(
+            view["total"],
+            11 + 1,
+            "pod {i}: only the invented key's 1: {view}"
+        );
+        assert_eq!(row(&view, "tally-1")[0]["count"], 7, "{view}");
+        let invented = row(&view, "tally-9")[0];
+        assert_eq!(invented["unconfirmed"], true, "{view}");
+    }
+    // The honest pod's own state is still accepted.
+    pods.visit(1, 1).await;
+    let (view, _) = pods.total(0).await;
+    assert_eq!(row(&view, "tally-1")[0]["source"], "live", "{view}");
+    assert_eq!(view["total"], 13, "{view}");
+    let metrics = pods.get(0, "/metrics").await.body;
+    assert!(
+        metrics.contains("tally_peer_refusals_total{reason=\"overflow\"} 1"),
+        "{metrics}"
+    );
+    // tally forget, through tally-1: gone on every pod, and it does not come
+    // back through a relay (tally-0 still relays nothing of it; a new PUT
+    // relaying it is ignored).
+    let out = pods
+        .options(1)
+        .peer_listen(pods.pod(1).peer_addr)
+        .arg("forget")
+        .arg("tally-9/evil")
+        .run();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = put(pods.pod(1).peer_addr, &forged).await;
+    for i in 0..2 {
+        let (view, _) = pods.total(i).await;
+        assert_eq!(view["total"], 12, "pod {i}: {view}");
+        assert!(row(&view, "tally-9").is_empty(), "{view}");
+        assert_eq!(view["retired"][0]["pod"], "tally-9", "{view}");
+    }
+}

@@ -236,12 +236,15 @@ impl Cluster {
             .map(|pod| (pod.clone(), None))
             .collect();
         let me = self.inner.my_entry();
+        // First-hand only from a pod known to be a member (or announcing
+        // itself): anyone with the token could claim any name.
+        let member = state.announce.is_some() || members.contains_key(&state.pod);
         let absorbed = self
             .inner
             .counter
             .lock()
             .expect("poisoned")
-            .absorb(&state, &me.key(), me.count, &members, unix_now())
+            .absorb_from(&state, &me.key(), me.count, &members, unix_now(), member)
             .inspect_err(|e| self.inner.refused(e.reason()))?;
         for dispute in &absorbed.disputes {
             self.inner.refused(dispute.reason());
