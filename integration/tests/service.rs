@@ -641,3 +641,61 @@ async fn sigterm_during_load_finishes_in_flight_requests_and_exits_0() {
     let tally = Tally::start(&options).unwrap();
     assert_eq!(local_count(&Http::new(), &tally).await, acknowledged);
 }
+
+/// Resident memory of a process, from /proc (a memory bound, not a timing).
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_peer_puts_hold_no_memory_and_visits_go_on() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(&TallyOptions::new(dir.path())).unwrap();
+    let http = Http::new();
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        let mut stream = tokio::net::TcpStream::connect(tally.peer_addr)
+            .await
+            .unwrap();
+        let head = format!(
+            "PUT /peer/state HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{\"pod\":",
+            1024 * 1024
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&vec![b' '; 64 * 1024]).await.unwrap();
+        stalled.push(stream);
+    }
+    // Visits keep being served while the PUTs stall.
+    for n in 1..=20 {
+        let reply = http.get(&tally.url("/")).await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(
+            http.get(&tally.url("/visits/local?format=text"))
+                .await
+                .unwrap()
+                .body,
+            format!("{n}\n")
+        );
+    }
+    let rss = rss_kib(tally.pid().as_raw());
+    assert!(rss < 20 * 1024, "RSS {rss} KiB with 100 stalled peer PUTs");
+    eprintln!("RSS with 100 stalled peer PUTs: {rss} KiB");
+    // The body budget refused the stalled PUTs beyond it (waits for the
+    // server to have read their heads).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = http.get(&tally.url("/metrics")).await.unwrap().body;
+        if metrics.contains("tally_peer_refusals_total{reason=\"busy\"}") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no busy refusal: {metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stalled);
+}
