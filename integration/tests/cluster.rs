@@ -944,3 +944,57 @@ async fn attacks_change_no_total_and_forget_retires_everywhere() {
         assert_eq!(view["retired"][0]["pod"], "tally-9", "{view}");
     }
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_restored_from_a_backup_forks_and_the_total_stays_exact() {
+    let mut pods = Pods::start(17, 2, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
+    pods.visit(0, 3).await;
+    let stop = |pods: &mut Pods| {
+        pods.pods[0]
+            .take()
+            .unwrap()
+            .terminate(Duration::from_secs(10))
+            .unwrap();
+    };
+    // The backup: a copy of tally-0's volume at 3 visits.
+    stop(&mut pods);
+    let backup = tempfile::tempdir().unwrap();
+    copy_dir(pods.dirs[0].path(), backup.path());
+    pods.pods[0] = Some(pods.launch(0));
+    pods.publish_all();
+    pods.visit(0, 4).await;
+    assert_eq!(pods.total(1).await.0["total"], 7);
+    // Restore the backup and restart: tally-1 knows 7 for an incarnation
+    // whose disk now says 3.
+    stop(&mut pods);
+    copy_dir(backup.path(), pods.dirs[0].path());
+    pods.pods[0] = Some(pods.launch(0));
+    pods.publish_all();
+    assert!(
+        pods.pod(0)
+            .logs()
+            .iter()
+            .any(|l| l.contains("started a new incarnation")),
+        "{:?}",
+        pods.pod(0).logs()
+    );
+    pods.visit(0, 2).await;
+    for i in 0..2 {
+        let (view, _) = pods.total(i).await;
+        assert_eq!(view["total"], 3 + 4 + 2, "pod {i}: {view}");
+        assert_eq!(
+            row(&view, "tally-0").len(),
+            2,
+            "old and new incarnation: {view}"
+        );
+    }
+}
