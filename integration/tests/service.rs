@@ -699,3 +699,70 @@ async fn stalled_peer_puts_hold_no_memory_and_visits_go_on() {
     }
     drop(stalled);
 }
+
+/// A PUT of `body` on the peer port; the status line and body.
+fn put_state(addr: std::net::SocketAddr, body: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "PUT /peer/state HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_state_at_the_entry_limit_with_the_longest_names_is_accepted() {
+    // 4,830 entries: the limit tally derives from its 1 MiB body limit.
+    const LIMIT: usize = 4830;
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(&TallyOptions::new(dir.path())).unwrap();
+    let state = |n: usize| {
+        let entries: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({
+                    "pod": format!("p{i:0>62}"),
+                    "incarnation": format!("{i:x>64}"),
+                    "count": 1,
+                    "seen_unix": u64::MAX,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "pod": entries[0]["pod"],
+            "incarnation": entries[0]["incarnation"],
+            "entries": entries,
+        })
+        .to_string()
+    };
+    let full = state(LIMIT);
+    assert!(
+        full.len() > 900_000,
+        "near the 1 MiB limit: {} bytes",
+        full.len()
+    );
+    let reply = put_state(tally.peer_addr, &full);
+    assert!(
+        reply.starts_with("HTTP/1.1 204"),
+        "{}",
+        &reply[..reply.len().min(300)]
+    );
+    let http = Http::new();
+    let total = http.get(&tally.url("/visits/total")).await.unwrap().json();
+    assert_eq!(total["total"], LIMIT as u64);
+    let metrics = http.get(&tally.url("/metrics")).await.unwrap().body;
+    assert!(
+        metrics.contains(&format!("tally_cluster_entries {LIMIT}")),
+        "{metrics}"
+    );
+    // One more is refused, and says why.
+    let reply = put_state(tally.peer_addr, &state(LIMIT + 1));
+    assert!(
+        reply.starts_with("HTTP/1.1 400") && reply.contains("more than the 4830 allowed"),
+        "{}",
+        &reply[..reply.len().min(300)]
+    );
+}
