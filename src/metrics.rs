@@ -7,14 +7,16 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::borrow::Cow;
 use std::sync::atomic::AtomicU64;
 
 /// Labels of the HTTP request histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     /// The matched route (never the raw path: unbounded label values would
-    /// let any client blow up the series count).
-    pub route: String,
+    /// let any client blow up the series count); static for the known
+    /// routes, so the hot path does not allocate it.
+    pub route: Cow<'static, str>,
     pub status: u16,
 }
 
