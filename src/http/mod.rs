@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -284,8 +284,9 @@ async fn explain_405(request: Request, next: Next) -> Response {
     )
 }
 
-/// The routes as static labels, so recording a request allocates nothing
-/// for them (a route missing here still gets its own label, allocated).
+/// The client routes as static labels, so recording a request allocates
+/// nothing for them (the peer routes and any route missing here still get
+/// their own label, allocated).
 const ROUTE_LABELS: &[&str] = &[
     "/",
     "/visits/local",
@@ -296,7 +297,6 @@ const ROUTE_LABELS: &[&str] = &[
     "/readyz",
     "/metrics",
     "/favicon.ico",
-    PEER_PATH,
 ];
 
 fn route_label(matched: Option<&MatchedPath>) -> Cow<'static, str> {

@@ -484,8 +484,12 @@ impl Committer {
                 if self.policy.next_deadline().is_some() {
                     let _ = self.commit(self.count, true);
                 }
+                // Let go of `shared` (which holds the directory's lock)
+                // before saying so: once the last handle is dropped too,
+                // the directory can be opened again.
+                drop(self);
                 let _ = done.send(());
-                break;
+                return;
             }
         }
     }
