@@ -217,6 +217,37 @@ impl Tally {
         let _ = kill(self.pid(), signal);
     }
 
+    /// SIGSTOP, and waits until every thread has stopped: `kill` returns
+    /// before a busy thread on another core is stopped, and such a thread
+    /// could still answer a request sent right after.
+    pub fn pause(&self) {
+        self.signal(Signal::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stopped = || {
+            std::fs::read_dir(&tasks)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .all(|task| {
+                    std::fs::read_to_string(task.path().join("stat"))
+                        .ok()
+                        .and_then(|stat| {
+                            let (_, rest) = stat.rsplit_once(") ")?;
+                            rest.chars().next()
+                        })
+                        .is_none_or(|state| state == 'T' || state == 't')
+                })
+        };
+        while !stopped() {
+            assert!(
+                Instant::now() < deadline,
+                "{tasks}: threads still running after SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// SIGTERM, then wait up to `limit` for the exit.
     pub fn terminate(mut self, limit: Duration) -> Result<ExitStatus> {
         self.signal(Signal::SIGTERM);

@@ -180,7 +180,7 @@ async fn killed_and_hung_pods_keep_their_counts_and_cost_at_most_the_deadline() 
         "{gone}"
     );
 
-    pods.pod(1).signal(Signal::SIGSTOP);
+    pods.pod(1).pause();
     let (view, took) = pods.total(0).await;
     pods.pod(1).signal(Signal::SIGCONT);
     assert!(took < NO_HANG, "hung peer held the answer for {took:?}");
@@ -995,6 +995,42 @@ async fn a_volume_restored_from_a_backup_forks_and_the_total_stays_exact() {
             row(&view, "tally-0").len(),
             2,
             "old and new incarnation: {view}"
+        );
+    }
+}
+
+/// The other side of DNS caching: a pod scaled away still appears in the
+/// cached SRV answer for up to 30 s. It handed its final state over on its
+/// way out, so its siblings know its last count exactly and answer
+/// `complete` at once instead of waiting for the cache to expire.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_that_left_does_not_keep_totals_incomplete_while_dns_still_lists_it() {
+    let mut pods = Pods::start_caching(16, 3, Duration::from_secs(30)).await;
+    pods.visit(0, 1).await;
+    pods.visit(1, 2).await;
+    pods.visit(2, 4).await;
+    // This round puts the three-member answer into the DNS cache.
+    let (view, _) = pods.total(0).await;
+    assert_eq!(
+        (view["total"].as_u64(), view["members"].as_u64()),
+        (Some(7), Some(3))
+    );
+    pods.pods[2]
+        .take()
+        .unwrap()
+        .terminate(Duration::from_secs(10))
+        .unwrap();
+    pods.publish_all();
+    for i in 0..2 {
+        let (view, _) = pods.total(i).await;
+        assert_eq!(
+            view["members"], 3,
+            "DNS still serves the cached answer: {view}"
+        );
+        assert_eq!(
+            (view["total"].as_u64(), view["complete"].as_bool()),
+            (Some(7), Some(true)),
+            "pod {i}: {view}"
         );
     }
 }

@@ -6,6 +6,11 @@
 //! (same pod at the same address); an announced member DNS never confirms
 //! (it died at once, or was never meant to be one) is forgotten after
 //! [`ANNOUNCED_FOR`], so it cannot keep totals incomplete forever.
+//!
+//! The other way round, a pod leaving hands its final state over: it has
+//! *departed*. While a cached answer still lists it, a departed pod that
+//! does not answer does not make totals incomplete (its last count is
+//! known exactly); one that answers, or announces itself again, is back.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,13 +30,29 @@ pub const ANNOUNCED_TARGET: &str = "(announced, not yet in DNS)";
 pub struct Announced {
     /// Pod name → where it answers and until when it counts unconfirmed.
     members: BTreeMap<String, (SocketAddr, Instant)>,
+    /// Pods that handed their final state over, until when that is trusted.
+    departed: BTreeMap<String, Instant>,
 }
 
 impl Announced {
     /// `pod` says it answers at `addr` (a newer announce replaces an older).
     pub fn record(&mut self, pod: &str, addr: SocketAddr, now: Instant) {
+        self.departed.remove(pod);
         self.members
             .insert(pod.to_string(), (addr, now + ANNOUNCED_FOR));
+    }
+
+    /// `pod` handed its final state over on its way out.
+    pub fn depart(&mut self, pod: &str, now: Instant) {
+        self.members.remove(pod);
+        self.departed.insert(pod.to_string(), now + ANNOUNCED_FOR);
+    }
+
+    /// Whether `pod` left (handed its final state over) and has not
+    /// announced itself since.
+    pub fn has_departed(&mut self, pod: &str, now: Instant) -> bool {
+        self.departed.retain(|_, until| *until > now);
+        self.departed.contains_key(pod)
     }
 
     /// Adds the announced members to `peers` (DNS's answer): those DNS
@@ -88,6 +109,19 @@ mod tests {
         announced.add_to(&mut peers, t0 + Duration::from_secs(1));
         assert!(announced.members.is_empty());
         assert_eq!(peers[1].target, peer("tally-2", "10.0.0.12:8081").target);
+    }
+
+    #[test]
+    fn a_departed_pod_is_known_gone_until_it_announces_again() {
+        let t0 = Instant::now();
+        let mut announced = Announced::default();
+        announced.depart("tally-3", t0);
+        assert!(announced.has_departed("tally-3", t0 + Duration::from_secs(1)));
+        assert!(!announced.has_departed("tally-2", t0));
+        announced.record("tally-3", "10.0.0.13:8081".parse().unwrap(), t0);
+        assert!(!announced.has_departed("tally-3", t0));
+        announced.depart("tally-3", t0);
+        assert!(!announced.has_departed("tally-3", t0 + ANNOUNCED_FOR));
     }
 
     #[test]

@@ -251,15 +251,15 @@ impl Cluster {
             tracing::warn!(counter = %dispute.key, %dispute, "relayed count ignored");
         }
         self.inner.changed(absorbed.changed);
-        if let Some(addr) = state.announce
-            && state.pod != me.pod
-        {
-            tracing::info!(pod = %state.pod, %addr, "sibling announced itself");
-            self.inner
-                .announced
-                .lock()
-                .expect("poisoned")
-                .record(&state.pod, addr, Instant::now());
+        let mut announced = self.inner.announced.lock().expect("poisoned");
+        match state.announce {
+            _ if state.pod == me.pod => {}
+            Some(addr) => {
+                tracing::info!(pod = %state.pod, %addr, "sibling announced itself");
+                announced.record(&state.pod, addr, Instant::now());
+            }
+            // Only a pod on its way out hands its state over unannounced.
+            None => announced.depart(&state.pod, Instant::now()),
         }
         Ok(())
     }
@@ -512,6 +512,15 @@ impl Inner {
             discovery_error: members.error,
             ..Round::default()
         };
+        {
+            let now = Instant::now();
+            let mut announced = self.announced.lock().expect("poisoned");
+            round.departed = peers
+                .iter()
+                .filter(|p| announced.has_departed(&p.pod, now))
+                .map(|p| p.pod.clone())
+                .collect();
+        }
         let mut changed = false;
         {
             let mut counter = self.counter.lock().expect("poisoned");

@@ -30,6 +30,11 @@ pub struct Round {
     pub outcomes: BTreeMap<String, Outcome>,
     /// Relayed values not merged because the pod said less itself, by key.
     pub disputes: BTreeMap<Key, String>,
+    /// Members that handed their final state over on their way out (a
+    /// cached DNS answer still lists them): if they do not answer, their
+    /// last count is known exactly and they do not make the total
+    /// incomplete.
+    pub departed: std::collections::BTreeSet<String>,
 }
 
 /// The view of the cluster from `me` (this pod's own entry, from its store).
@@ -140,10 +145,10 @@ pub fn view(counter: &Counter, round: &Round, me: &Entry, now: u64) -> TotalView
             round.discovery_error.is_none()
                 && round.disputes.is_empty()
                 && members.contains(&me.pod)
-                && members
-                    .iter()
-                    .filter(|p| **p != me.pod)
-                    .all(|p| matches!(round.outcomes.get(p), Some(Outcome::Live { .. }))),
+                && members.iter().filter(|p| **p != me.pod).all(|p| {
+                    matches!(round.outcomes.get(p), Some(Outcome::Live { .. }))
+                        || round.departed.contains(p)
+                }),
         ),
     };
     TotalView {
