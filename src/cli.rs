@@ -1,5 +1,6 @@
 //! The command line: `tally [serve]`, `tally visits`, `tally peers`,
-//! `tally forget`, `tally check-config`, `tally nslookup`. Flags come from
+//! `tally forget`, `tally check-config`, `tally check-cluster`,
+//! `tally nslookup`. Flags come from
 //! the settings table in [`config`], so every setting has a flag, an
 //! environment variable and a file key. Started as `nslookup` (the image's
 //! link), the binary is [`nslookup`](crate::nslookup), busybox-style.
@@ -16,7 +17,7 @@ use crate::config::{
 use crate::identity::Identity;
 use crate::peers::client::PeerClient;
 use crate::serve::{self, StartError};
-use crate::{discovery, nslookup, peers, store};
+use crate::{check, discovery, nslookup, peers, store};
 
 /// Tally: a durable, cluster-wide visit counter for Kubernetes StatefulSets.
 ///
@@ -38,7 +39,8 @@ enum Cmd {
     /// Print the counter stored in a data directory (--data-dir).
     Visits,
     /// Show what this pod resolves: resolv.conf, the SRV answer, each member
-    /// and whether it answers (the deeper view behind `nslookup`).
+    /// and whether it answers (the deeper view behind `nslookup`); exit 1
+    /// when the lookup fails or a member does not answer.
     Peers,
     /// Validate the settings from every source and print the effective
     /// configuration; exit 0, or 64 naming the bad key and its source.
@@ -59,6 +61,19 @@ enum Cmd {
     Forget {
         /// The counter, as listed by /visits/total: POD/INCARNATION.
         counter: String,
+    },
+    /// Check a running release through its client Service (the chart's
+    /// `helm test`): /healthz answers and /visits/total is complete with
+    /// the expected members; retries until --wait-s, then exit 1.
+    CheckCluster {
+        /// The client Service, e.g. http://tally.default.svc.cluster.local:80
+        url: String,
+        /// Members the cluster view must have (the StatefulSet's replicas).
+        #[arg(long)]
+        members: Option<usize>,
+        /// Seconds to keep retrying before failing.
+        #[arg(long, default_value_t = 30)]
+        wait_s: u64,
     },
 }
 
@@ -133,6 +148,15 @@ pub fn main() -> ExitCode {
     if let Some(Cmd::Nslookup { args }) = &cli.command {
         return nslookup::main(args);
     }
+    // Neither does the helm test hook need any: it only talks HTTP.
+    if let Some(Cmd::CheckCluster {
+        url,
+        members,
+        wait_s,
+    }) = &cli.command
+    {
+        return check_cluster(url, *members, *wait_s);
+    }
     let env = |name: &str| std::env::var(name).ok();
     let config = match Config::load(&Sources {
         flags: &cli.settings.values,
@@ -147,7 +171,9 @@ pub fn main() -> ExitCode {
         Cmd::Visits => visits(&config),
         Cmd::Peers => runtime().block_on(peers_command(&config)),
         Cmd::CheckConfig => check_config(&config),
-        Cmd::Nslookup { .. } => unreachable!("handled before the settings are loaded"),
+        Cmd::Nslookup { .. } | Cmd::CheckCluster { .. } => {
+            unreachable!("handled before the settings are loaded")
+        }
         Cmd::Forget { counter } => runtime().block_on(forget(&config, &counter)),
     }
 }
@@ -248,6 +274,21 @@ fn check_config(config: &Config) -> ExitCode {
     }
     println!("configuration ok");
     ExitCode::SUCCESS
+}
+
+fn check_cluster(url: &str, members: Option<usize>, wait_s: u64) -> ExitCode {
+    let base = match check::base_url(url) {
+        Ok(base) => base,
+        Err(error) => {
+            eprintln!("tally: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if runtime().block_on(check::run(&base, members, Duration::from_secs(wait_s))) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn visits(config: &Config) -> ExitCode {
@@ -438,7 +479,9 @@ async fn peers_command(config: &Config) -> ExitCode {
         }
     }
     if unreachable > 0 {
+        // Non-zero so the command works as a probe or a script check.
         println!("{unreachable} member(s) did not answer");
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }

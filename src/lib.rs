@@ -22,10 +22,12 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`shutdown`]: the SIGTERM/SIGINT signal.
 //! - [`nslookup`]: the built-in `nslookup` (the image has no dnsutils).
-//! - [`serve`]: assembles a running pod; [`cli`]: the command line.
+//! - [`serve`]: assembles a running pod; [`cli`]: the command line;
+//!   [`check`]: `tally check-cluster`, the chart's `helm test`.
 //! - `fuzz` (tests and fuzzing builds only): the properties the fuzzers in
 //!   `fuzz/` and the property tests check on every decoder of outside bytes.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod discovery;

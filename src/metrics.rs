@@ -34,6 +34,12 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// Labels of `tally_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
 /// Every metric tally exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -84,6 +90,9 @@ pub struct Metrics {
     pub peer_served: Counter,
     /// Body bytes of those answers: what peer traffic costs (`scripts/bench scale`).
     pub peer_bytes_served: Counter,
+    /// Always 1, labelled with the version: dashboards and alerts join on it
+    /// to see which release each pod runs (mixed versions mid-rollout).
+    pub build_info: Family<BuildLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -116,6 +125,7 @@ impl Metrics {
             persist_failures: Counter::default(),
             peer_served: Counter::default(),
             peer_bytes_served: Counter::default(),
+            build_info: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -223,6 +233,17 @@ impl Metrics {
             "Body bytes of the peer states served to siblings",
             metrics.peer_bytes_served.clone(),
         );
+        metrics
+            .build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the version label says which tally this pod runs",
+            metrics.build_info.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -284,6 +305,11 @@ mod tests {
             "tally_peer_refusals_total{reason=\"overflow\"} 1",
             "tally_peer_requests_served_total",
             "tally_peer_bytes_served_total",
+            concat!(
+                "tally_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1"
+            ),
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

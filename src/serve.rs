@@ -161,6 +161,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         peer_token: token,
         peer_gate: PeerGate::default(),
         stopping: AtomicBool::new(false),
+        page: http::page::Template::new(&identity.pod),
     });
     let limits = server::Limits {
         max_connections: config.max_connections,

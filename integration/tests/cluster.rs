@@ -622,6 +622,14 @@ async fn tally_peers_shows_what_the_pod_resolves() {
         .find(|l| l.trim_start().starts_with("tally-1 "))
         .unwrap();
     assert!(tally1.split_whitespace().nth(2) == Some("4"), "{tally1}");
+
+    // A member that does not answer makes it fail, like a probe would.
+    pods.pod(1).signal(Signal::SIGSTOP);
+    let out = pods.options(0).arg("peers").run();
+    pods.pod(1).signal(Signal::SIGCONT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("1 member(s) did not answer"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -43,6 +43,8 @@ pub struct App {
     pub peer_gate: peer::PeerGate,
     /// Set on SIGTERM: readiness fails so the pod leaves the Service.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// The page's fixed parts, rendered once.
+    pub page: page::Template,
 }
 
 /// The client port's routes: everything but the peer routes (those are on
@@ -153,14 +155,7 @@ async fn visit(State(app): State<Arc<App>>, request: Request) -> Result<Response
     let headers = request.headers();
     let count = app.store.visit().await?;
     let cluster = app.cluster.cached_total();
-    let page = page::Page {
-        pod: &app.pod,
-        incarnation: app.store.incarnation(),
-        count,
-        now: Timestamp::now(),
-        timezone: &app.timezone,
-        cluster: &cluster,
-    };
+    let time = page::local_time(Timestamp::now(), &app.timezone);
     let json = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -170,17 +165,19 @@ async fn visit(State(app): State<Arc<App>>, request: Request) -> Result<Response
             "pod": app.pod,
             "incarnation": app.store.incarnation(),
             "count": count,
-            "time": page.local_time(),
+            "time": time,
             "timezone": app.timezone.0,
             "cluster": {"total": cluster.total, "complete": cluster.complete, "members": cluster.members},
         }))
         .into_response()
     } else {
-        (
-            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-            page.render(),
-        )
-            .into_response()
+        let html = app.page.render(&page::Visit {
+            incarnation: app.store.incarnation(),
+            count,
+            time: &time,
+            cluster: &cluster,
+        });
+        ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
     })
 }
 
