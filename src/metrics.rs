@@ -73,6 +73,9 @@ pub struct Metrics {
     pub peer_fetches: Counter,
     /// Members in the last DNS answer, this pod included.
     pub members: Gauge,
+    /// Member lookups that failed (timeout, SERVFAIL) or found no member
+    /// (NXDOMAIN): what the discovery alert watches.
+    pub discovery_failures: Counter,
     /// `/visits/total` requests answered by joining a fan-out in flight.
     pub coalesced: Counter,
     /// The last cluster total computed.
@@ -117,6 +120,7 @@ impl Metrics {
             peer_errors: Family::default(),
             peer_fetches: Counter::default(),
             members: Gauge::default(),
+            discovery_failures: Counter::default(),
             coalesced: Counter::default(),
             total: Gauge::default(),
             peer_auth_failures: Counter::default(),
@@ -192,6 +196,11 @@ impl Metrics {
             "members",
             "StatefulSet members in the last DNS answer",
             metrics.members.clone(),
+        );
+        registry.register(
+            "discovery_failures",
+            "Member lookups (SRV on the headless Service) that failed or found no member",
+            metrics.discovery_failures.clone(),
         );
         registry.register(
             "total_requests_coalesced",
@@ -294,6 +303,7 @@ mod tests {
             "tally_store_commit_batch_size",
             "tally_fanout_duration_seconds",
             "tally_members",
+            "tally_discovery_failures_total",
             "tally_total_requests_coalesced_total",
             "tally_cluster_visits",
             "tally_store_fdatasyncs_total",

@@ -1787,3 +1787,46 @@ fn tally_check_config_accepts_what_the_chart_renders() {
         run.output
     );
 }
+
+#[test]
+fn helm_test_runs_tally_check_cluster_on_the_client_service() {
+    for_each_set(|r| {
+        let pod = r.test_pod();
+        let spec = pod.spec.as_ref().context("test pod has no spec")?;
+        let container = spec
+            .containers
+            .first()
+            .context("test pod has no container")?;
+        ensure!(
+            container.image == r.container().image,
+            "the helm test pod runs {:?}, not the tally image {:?}",
+            container.image,
+            r.container().image
+        );
+        let client = r.client();
+        let name = client.metadata.name.clone().unwrap_or_default();
+        let ns = r.statefulset().metadata.namespace.unwrap_or_default();
+        let port = client
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|p| p.first())
+            .map(|p| p.port)
+            .context("client Service has no port")?;
+        let want = vec![
+            "check-cluster".to_string(),
+            format!("http://{name}.{ns}.svc.{}:{port}", r.str("clusterDomain")),
+            "--members".into(),
+            r.int("replicaCount").to_string(),
+            "--wait-s".into(),
+            r.int("tests.waitSeconds").to_string(),
+        ];
+        ensure!(
+            container.command.is_none() && container.args.as_ref() == Some(&want),
+            "helm test must run the image's tally with {want:?}, got command {:?} args {:?}",
+            container.command,
+            container.args
+        );
+        Ok(())
+    });
+}

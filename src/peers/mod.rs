@@ -576,6 +576,9 @@ impl Inner {
             .fanout_duration
             .observe(started.elapsed().as_secs_f64());
         metrics.members.set(peers.len() as i64);
+        if round.discovery_error.is_some() {
+            metrics.discovery_failures.inc();
+        }
         round
     }
 
