@@ -19,6 +19,9 @@ use tally_integration::harness::{tally_bin, workspace_root};
 use tally_integration::sim::manifest::{Manifests, helm_template};
 use tally_integration::sim::{Cluster, ClusterOptions, cleanup, require_root};
 
+#[path = "e2e/operator.rs"]
+mod operator;
+
 const PORT: u16 = 8080;
 
 /// Root, helm, nslookup and the tally binary, checked (and installed) once.

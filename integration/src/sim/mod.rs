@@ -363,26 +363,41 @@ impl Cluster {
     /// `kubectl exec POD -- argv`.
     pub fn exec(&self, pod: &str, argv: &[&str]) -> Result<Output> {
         self.sim(&["exec", pod, "--"], argv)
+            .output()
+            .with_context(|| format!("running {}", self.sim_exe.display()))
     }
 
     /// `argv`, a host tool, in the client namespace with the resolv.conf of
     /// a pod of the release's namespace (a debug pod with the host's tools).
     pub fn client_run(&self, argv: &[&str]) -> Result<Output> {
         self.sim(&["client", "--"], argv)
-    }
-
-    fn sim(&self, command: &[&str], argv: &[&str]) -> Result<Output> {
-        Command::new(&self.sim_exe)
-            .env(
-                "TALLY_SIM_HOME",
-                self.state_dir.parent().unwrap_or(Path::new("/")),
-            )
-            .args(["--name", &self.name])
-            .args(command)
-            .args(argv)
-            .stdin(Stdio::null())
             .output()
             .with_context(|| format!("running {}", self.sim_exe.display()))
+    }
+
+    /// Starts `argv` like [`client_run`](Self::client_run) and returns at
+    /// once (a server next to the pods, e.g. Prometheus), its output going
+    /// to `log`; the caller stops it.
+    pub fn client_spawn(&self, argv: &[&str], log: &Path) -> Result<Child> {
+        let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        self.sim(&["client", "--"], argv)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("running {}", self.sim_exe.display()))
+    }
+
+    fn sim(&self, command: &[&str], argv: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.sim_exe);
+        cmd.env(
+            "TALLY_SIM_HOME",
+            self.state_dir.parent().unwrap_or(Path::new("/")),
+        )
+        .args(["--name", &self.name])
+        .args(command)
+        .args(argv)
+        .stdin(Stdio::null());
+        cmd
     }
 
     /// Deletes a pod.
