@@ -208,6 +208,7 @@ mod tests {
             source,
             latency_ms: None,
             age_s: None,
+            unconfirmed: false,
             error: error.map(Into::into),
         }
     }
