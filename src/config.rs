@@ -464,16 +464,34 @@ impl Raw {
         };
         if config.commit_timeout >= config.request_timeout {
             // The visit must get its 503 before the request's own timeout
-            // (408) could answer for a visit that is then committed.
-            let (value, source) = &self.values["commit_timeout_ms"];
+            // (408) could answer for a visit that is then committed. Blame
+            // the setting the user gave: a default is not their mistake.
+            let commit = &self.values["commit_timeout_ms"];
+            let request = &self.values["request_timeout_ms"];
+            let (key, (value, origin), reason) = if commit.1 == Source::Default {
+                (
+                    "request_timeout_ms",
+                    request,
+                    format!(
+                        "must be above commit_timeout_ms ({} ms): raise it or lower commit_timeout_ms",
+                        config.commit_timeout.as_millis()
+                    ),
+                )
+            } else {
+                (
+                    "commit_timeout_ms",
+                    commit,
+                    format!(
+                        "must be below request_timeout_ms ({} ms): lower it or raise request_timeout_ms",
+                        config.request_timeout.as_millis()
+                    ),
+                )
+            };
             return Err(ConfigError::Invalid {
-                key: "commit_timeout_ms",
+                key,
                 value: value.clone(),
-                origin: source.clone(),
-                reason: format!(
-                    "must be below request_timeout_ms ({} ms)",
-                    config.request_timeout.as_millis()
-                ),
+                origin: origin.clone(),
+                reason,
             });
         }
         Ok(config)
@@ -643,6 +661,13 @@ mod tests {
                 None,
                 "commit_timeout_ms",
                 "TALLY_COMMIT_TIMEOUT_MS",
+            ),
+            (
+                &[],
+                &[("TALLY_REQUEST_TIMEOUT_MS", "2")],
+                None,
+                "request_timeout_ms",
+                "TALLY_REQUEST_TIMEOUT_MS",
             ),
             (
                 &[],
