@@ -201,27 +201,11 @@ mod tests {
     use crate::peers::wire::{PodView, Source};
 
     fn row(pod: &str, source: Source, error: Option<&str>) -> PodView {
-        PodView {
-            pod: pod.into(),
-            incarnation: "i".into(),
-            count: 1,
-            source,
-            latency_ms: None,
-            age_s: None,
-            unconfirmed: false,
-            error: error.map(Into::into),
-        }
+        PodView::test(pod, 1, source, error)
     }
 
     fn view(complete: bool, pods: Vec<PodView>) -> TotalView {
-        TotalView {
-            total: pods.iter().map(|p| p.count).sum(),
-            complete,
-            members: pods.len(),
-            pods,
-            retired: vec![],
-            discovery_error: None,
-        }
+        TotalView::test(complete, pods)
     }
 
     #[test]

@@ -51,6 +51,17 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// An entry never confirmed first-hand: what unit tests build states from.
+    #[cfg(test)]
+    pub(crate) fn test(pod: &str, incarnation: &str, count: u64) -> Entry {
+        Entry {
+            pod: pod.into(),
+            incarnation: incarnation.into(),
+            count,
+            seen_unix: 0,
+        }
+    }
+
     pub fn key(&self) -> Key {
         Key {
             pod: self.pod.clone(),
@@ -411,12 +422,7 @@ mod tests {
     use super::*;
 
     fn e(pod: &str, inc: &str, count: u64) -> Entry {
-        Entry {
-            pod: pod.into(),
-            incarnation: inc.into(),
-            count,
-            seen_unix: 0,
-        }
+        Entry::test(pod, inc, count)
     }
 
     fn k(pod: &str, inc: &str) -> Key {

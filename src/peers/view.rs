@@ -167,12 +167,7 @@ mod tests {
     use crate::peers::wire::Retired;
 
     fn e(pod: &str, inc: &str, count: u64) -> Entry {
-        Entry {
-            pod: pod.into(),
-            incarnation: inc.into(),
-            count,
-            seen_unix: 0,
-        }
+        Entry::test(pod, inc, count)
     }
 
     fn live(inc: &str) -> Outcome {

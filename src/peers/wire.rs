@@ -254,17 +254,43 @@ pub struct TotalView {
     pub discovery_error: Option<String>,
 }
 
+/// Rows and views as the page and `check-cluster` tests need them.
+#[cfg(test)]
+impl PodView {
+    pub(crate) fn test(pod: &str, count: u64, source: Source, error: Option<&str>) -> PodView {
+        PodView {
+            pod: pod.into(),
+            incarnation: "inc".into(),
+            count,
+            source,
+            latency_ms: None,
+            age_s: None,
+            unconfirmed: false,
+            error: error.map(Into::into),
+        }
+    }
+}
+
+#[cfg(test)]
+impl TotalView {
+    pub(crate) fn test(complete: bool, pods: Vec<PodView>) -> TotalView {
+        TotalView {
+            total: pods.iter().map(|p| p.count).sum(),
+            complete,
+            members: pods.len(),
+            pods,
+            retired: vec![],
+            discovery_error: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn e(pod: &str, inc: &str, count: u64) -> Entry {
-        Entry {
-            pod: pod.into(),
-            incarnation: inc.into(),
-            count,
-            seen_unix: 0,
-        }
+        Entry::test(pod, inc, count)
     }
 
     fn state(entries: Vec<Entry>) -> PeerState {
