@@ -70,7 +70,7 @@ async fn answers_a_srv_over_tcp_and_nxdomain_from_the_cluster_dns() {
         &dns,
         &[
             "-type=SRV",
-            "_http._tcp.tally-headless.default.svc.cluster.local.",
+            "_peer._tcp.tally-headless.default.svc.cluster.local.",
         ],
     );
     let text = String::from_utf8_lossy(&out.stdout);
