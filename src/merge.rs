@@ -336,15 +336,22 @@ impl Counter {
         Ok(out)
     }
 
-    /// Retires a counter for good; returns whether this was news.
+    /// Retires a counter for good (or learns a higher count it had when
+    /// retired); returns whether this was news.
     pub fn retire(&mut self, retired: Retired) -> bool {
         let key = retired.key();
         let count = self
             .entries
             .remove(&key)
             .map_or(retired.count, |k| k.count.max(retired.count));
-        match self.retired.get(&key) {
-            Some(_) => false,
+        // Tombstones merge by max like counts, so the order in which two
+        // relays arrive cannot change what the cluster ends up showing.
+        match self.retired.get_mut(&key) {
+            Some(known) if *known >= count => false,
+            Some(known) => {
+                *known = count;
+                true
+            }
             None => {
                 self.retired.insert(key, count);
                 true
