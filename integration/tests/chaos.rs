@@ -79,33 +79,46 @@ fn a_planted_stale_read_is_reported_by_the_checker() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tally = planted_tally("planted-bug-stale-read", dir.path());
     // Many concurrent readers and visitors make requests meet rounds in
-    // flight; faults that restart pods add stale siblings.
-    let report = chaos(
-        &tally,
-        &dir.path().join("out"),
-        &format!("plant-{}", std::process::id() % 100_000),
-        &[
-            "--rounds",
-            "6",
-            "--seed",
-            "9",
-            "--nemesis",
-            "kill,delete-pod",
-            // Not what this test is about, and rounds are 3x shorter without it.
-            "--dns-cache",
-            "0",
-            "--visitors",
-            "8",
-            "--readers",
-            "6",
-        ],
-    );
-    for v in &report.violations {
-        eprint!("{v}");
+    // flight; faults that restart pods add stale siblings. Whether a stale
+    // read lands below the acknowledged visits is a race, so a run that
+    // happens to miss it is followed by one with another seed: the plant
+    // must be caught within a few runs (each caught it in most runs seen),
+    // while the real build stays at 0 violations in the stage of scripts/test.
+    let mut summaries = Vec::new();
+    for seed in ["9", "3", "11", "17", "23"] {
+        let report = chaos(
+            &tally,
+            &dir.path().join(format!("out-{seed}")),
+            &format!("plant-{}", std::process::id() % 100_000),
+            &[
+                "--rounds",
+                "6",
+                "--seed",
+                seed,
+                "--nemesis",
+                "kill,delete-pod",
+                // Not what this test is about, and rounds are 3x shorter without it.
+                "--dns-cache",
+                "0",
+                "--visitors",
+                "8",
+                "--readers",
+                "6",
+            ],
+        );
+        if report.violations.iter().any(|v| v.rule == Rule::BelowAcked) {
+            for v in &report.violations {
+                eprint!("{v}");
+            }
+            return;
+        }
+        summaries.push(format!(
+            "seed {seed}: {}",
+            check::render_summary(&report.summary, report.violations.len())
+        ));
     }
-    assert!(
-        report.violations.iter().any(|v| v.rule == Rule::BelowAcked),
-        "the checker missed the planted stale read:\n{}",
-        check::render_summary(&report.summary, report.violations.len())
+    panic!(
+        "the checker missed the planted stale read in every run:\n{}",
+        summaries.join("\n")
     );
 }

@@ -548,10 +548,19 @@ impl Committer {
     /// Writes `count` as the next commit, synced when `sync`; on success it
     /// becomes the count tally stands behind.
     fn commit(&mut self, count: u64, sync: bool) -> Result<(), String> {
+        // A file whose slots carry the last sequence number (only a forged
+        // or damaged one can) must not wrap to 0: the older slot would win on
+        // the next start and the count would go back.
+        let Some(seq) = self.seq.checked_add(1) else {
+            return Err(format!(
+                "{} holds the last commit sequence number and cannot take another commit: \
+                 move it away and restore it from a backup",
+                self.shared.path.display()
+            ));
+        };
         let started = Instant::now();
         let stamp = self.shared.stamp(started);
         self.shared.commit_started.store(stamp, Ordering::Release);
-        let seq = self.seq + 1;
         let result = self.disk.open(&self.shared.path).and_then(|mut file| {
             file.write_at(format::offset(seq), self.writer.encode(seq, count))?;
             if sync {
