@@ -253,9 +253,17 @@ impl Counter {
         let mut added = BTreeSet::new();
         let mut plan = Vec::new();
         let mut out = Absorbed::default();
+        let mut tombstones = Vec::new();
         for e in &state.entries {
             let key = e.key();
             if retired.contains_key(&key) {
+                // Never counted again, but what it had reached still raises
+                // the tombstone, whichever of the two arrived first.
+                tombstones.push(Retired {
+                    pod: e.pod.clone(),
+                    incarnation: e.incarnation.clone(),
+                    count: e.count,
+                });
                 continue;
             }
             let first_hand = key == sender && member;
@@ -318,8 +326,8 @@ impl Counter {
                 count: size,
             });
         }
-        for r in &state.retired {
-            out.changed |= self.retire(r.clone());
+        for r in state.retired.iter().cloned().chain(tombstones) {
+            out.changed |= self.retire(r);
         }
         for (key, count, first_hand) in plan {
             let seen = if first_hand {
