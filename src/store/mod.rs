@@ -335,7 +335,17 @@ impl Store {
             return Err(StoreError::Closed);
         }
         match tokio::time::timeout(self.shared.commit_timeout, answer).await {
-            Ok(Ok(result)) => result.map_err(StoreError::Unavailable),
+            Ok(Ok(result)) => {
+                let n = result.map_err(StoreError::Unavailable)?;
+                // The committer answers its waiters before it publishes the
+                // batch; publishing our own number here means no read (this
+                // pod's /visits/local, a sibling's fetch) that starts after
+                // this visit is acknowledged can miss it. Numbers go only to
+                // visits that stay counted, so this never shows one that is
+                // later withdrawn.
+                self.shared.count.fetch_max(n, Ordering::AcqRel);
+                Ok(n)
+            }
             Ok(Err(_)) => Err(StoreError::Closed),
             // Dropping `answer` withdraws the visit (see `Committer::commit_batch`).
             Err(_) => Err(StoreError::Stalled(format!(
