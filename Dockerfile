@@ -45,6 +45,6 @@ ENV PATH=/usr/local/bin \
     TALLY_LISTEN=0.0.0.0:8080
 WORKDIR /data
 USER 65532:65532
-EXPOSE 8080
+EXPOSE 8080 8081
 ENTRYPOINT ["/usr/local/bin/tally"]
 CMD ["serve"]
