@@ -256,6 +256,22 @@ impl Counter {
         let mut tombstones = Vec::new();
         for e in &state.entries {
             let key = e.key();
+            if key == *me {
+                // This pod is the authority on its own counter, retired or
+                // not, so what relays say of it never changes anything here
+                // (in whichever order states arrive). A volume restored from
+                // a backup learns it before counting: see
+                // `peers::what_siblings_know`.
+                if e.count > my_count {
+                    out.disputes.push(Dispute {
+                        key,
+                        relayed_by: sender.to_string(),
+                        relayed: e.count,
+                        first_hand: my_count,
+                    });
+                }
+                continue;
+            }
             if retired.contains_key(&key) {
                 // Never counted again, but what it had reached still raises
                 // the tombstone, whichever of the two arrived first.
@@ -267,20 +283,7 @@ impl Counter {
                 continue;
             }
             let first_hand = key == sender && member;
-            if key == *me {
-                // This pod is the authority on its own counter. (A volume
-                // restored from a backup learns it before counting: see
-                // `peers::what_siblings_know`.)
-                if e.count > my_count {
-                    out.disputes.push(Dispute {
-                        key,
-                        relayed_by: sender.to_string(),
-                        relayed: e.count,
-                        first_hand: my_count,
-                    });
-                }
-                continue;
-            } else if !first_hand && let Some(said) = answered.get(&e.pod) {
+            if !first_hand && let Some(said) = answered.get(&e.pod) {
                 match said {
                     Some((incarnation, count)) if *incarnation == e.incarnation => {
                         if e.count > *count {
