@@ -50,7 +50,7 @@ pub struct App {
 /// The client port's routes: everything but the peer routes (those are on
 /// the peer port, [`peer::router`]).
 pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/", get(visit).head(head_root))
         .route("/visits/local", get(local))
         .route("/visits", get(local))
@@ -61,7 +61,14 @@ pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/metrics", get(metrics))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try / or /visits/total\n") })
-        .layer(middleware::from_fn(refuse_bodies))
+        .layer(middleware::from_fn(refuse_bodies));
+    edge(routes, app, request_timeout)
+}
+
+/// What both ports wrap their routes in: `405` with `Allow`, the request
+/// time limit, and the request metrics.
+fn edge(routes: Router<Arc<App>>, app: Arc<App>, request_timeout: Duration) -> Router {
+    routes
         .layer(middleware::from_fn(explain_405))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

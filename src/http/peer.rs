@@ -22,9 +22,8 @@ use axum::routing::get;
 use http_body_util::{BodyExt, Limited};
 use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower_http::timeout::TimeoutLayer;
 
-use super::{ApiError, App, explain_405, healthz, observe, readyz, refuse_bodies};
+use super::{ApiError, App, edge, healthz, readyz, refuse_bodies};
 use crate::merge::Key;
 use crate::peers::wire::{FORGET_PATH, MAX_PEER_BODY, PEER_PATH};
 
@@ -82,7 +81,7 @@ pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         // The token first, then a request slot: an outsider cannot even
         // take a slot.
         .layer(middleware::from_fn_with_state(app.clone(), admit));
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/health", get(healthz))
         .route("/readyz", get(readyz))
@@ -93,14 +92,8 @@ pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
                 StatusCode::NOT_FOUND,
                 "not found: the peer port serves /peer/state, /healthz and /readyz; clients use the client port\n",
             )
-        })
-        .layer(middleware::from_fn(explain_405))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            request_timeout,
-        ))
-        .layer(middleware::from_fn_with_state(app.clone(), observe))
-        .with_state(app)
+        });
+    edge(routes, app, request_timeout)
 }
 
 /// The token check, in constant time.
