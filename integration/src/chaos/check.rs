@@ -144,15 +144,43 @@ struct Read<'a> {
     served_by: &'a str,
 }
 
-/// Visit counts as functions of time.
-struct Visits {
-    /// Invocation times of visits that may have been counted (ok, unknown).
-    sent_starts: Vec<u64>,
-    /// Completion times of acknowledged visits.
-    acked_ends: Vec<u64>,
+/// Visit counts as functions of time (the checker's bounds and the plot's
+/// lines both come from here).
+pub(super) struct Visits {
+    /// Invocation times of visits that may have been counted (ok, unknown),
+    /// sorted.
+    pub(super) sent_starts: Vec<u64>,
+    /// Completion times of acknowledged visits, sorted.
+    pub(super) acked_ends: Vec<u64>,
 }
 
 impl Visits {
+    pub(super) fn of(ops: &[Op]) -> Visits {
+        let mut visits = Visits {
+            sent_starts: Vec::new(),
+            acked_ends: Vec::new(),
+        };
+        for op in ops {
+            if let Op::Visit {
+                start_ns,
+                end_ns,
+                outcome,
+                ..
+            } = op
+            {
+                if *outcome != Outcome::Fail {
+                    visits.sent_starts.push(*start_ns);
+                }
+                if *outcome == Outcome::Ok {
+                    visits.acked_ends.push(*end_ns);
+                }
+            }
+        }
+        visits.sent_starts.sort_unstable();
+        visits.acked_ends.sort_unstable();
+        visits
+    }
+
     /// Visits invoked strictly before `t` and not certainly failed.
     fn sent_before(&self, t: u64) -> u64 {
         self.sent_starts.partition_point(|s| *s < t) as u64
@@ -170,29 +198,13 @@ pub fn check(ops: &[Op], limits: Limits) -> Report {
         operations: ops.len(),
         ..Summary::default()
     };
-    let mut visits = Visits {
-        sent_starts: Vec::new(),
-        acked_ends: Vec::new(),
-    };
+    let visits = Visits::of(ops);
     let mut reads = Vec::new();
     let mut failed_reads = Vec::new();
     let mut faults = Vec::new();
     for op in ops {
         match op {
-            Op::Visit {
-                start_ns,
-                end_ns,
-                outcome,
-                ..
-            } => {
-                summary.visits[slot(*outcome)] += 1;
-                if *outcome != Outcome::Fail {
-                    visits.sent_starts.push(*start_ns);
-                }
-                if *outcome == Outcome::Ok {
-                    visits.acked_ends.push(*end_ns);
-                }
-            }
+            Op::Visit { outcome, .. } => summary.visits[slot(*outcome)] += 1,
             Op::Total {
                 start_ns,
                 end_ns,
@@ -225,8 +237,6 @@ pub fn check(ops: &[Op], limits: Limits) -> Report {
             }
         }
     }
-    visits.sent_starts.sort_unstable();
-    visits.acked_ends.sort_unstable();
     reads.sort_by_key(|r| (r.start, r.end));
     let mut violations = Vec::new();
     bounds(&reads, &visits, &mut violations);

@@ -10,30 +10,18 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::history::{Op, Outcome};
+use super::check::Visits;
+use super::history::Op;
 
 /// The gnuplot data blocks and script for a history (pure).
 pub fn script(ops: &[Op], png: &Path) -> String {
     let s = |ns: u64| ns as f64 / 1e9;
     let mut pods: BTreeMap<&str, String> = BTreeMap::new();
-    let mut acked = Vec::new();
-    let mut sent = Vec::new();
+    let visits = Visits::of(ops);
     let mut faults = Vec::new();
     for op in ops {
         match op {
-            Op::Visit {
-                start_ns,
-                end_ns,
-                outcome,
-                ..
-            } => {
-                if *outcome == Outcome::Ok {
-                    acked.push(*end_ns);
-                }
-                if *outcome != Outcome::Fail {
-                    sent.push(*start_ns);
-                }
-            }
+            Op::Visit { .. } => {}
             Op::Total {
                 end_ns,
                 total: Some(t),
@@ -51,8 +39,6 @@ pub fn script(ops: &[Op], png: &Path) -> String {
             } => faults.push((kind.as_str(), *start_ns, *end_ns)),
         }
     }
-    acked.sort_unstable();
-    sent.sort_unstable();
     let mut out = String::new();
     let steps = |name: &str, times: &[u64], out: &mut String| {
         let _ = writeln!(out, "${name} << EOD\n0 0");
@@ -61,8 +47,8 @@ pub fn script(ops: &[Op], png: &Path) -> String {
         }
         let _ = writeln!(out, "EOD");
     };
-    steps("acked", &acked, &mut out);
-    steps("sent", &sent, &mut out);
+    steps("acked", &visits.acked_ends, &mut out);
+    steps("sent", &visits.sent_starts, &mut out);
     for (i, data) in pods.values().enumerate() {
         let _ = writeln!(out, "$pod{i} << EOD\n{data}EOD");
     }
@@ -130,6 +116,7 @@ pub fn draw(ops: &[Op], png: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chaos::history::Outcome;
 
     #[test]
     fn the_script_has_one_series_per_pod_and_a_shaded_window_per_fault() {
