@@ -233,7 +233,8 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+    // The setting was checked by `log_filter` when the config loaded.
+    let filter = crate::config::log_filter(&config.log_level).unwrap_or_default();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
