@@ -117,6 +117,7 @@ pub fn peer_merge(data: &[u8]) {
             entries,
             retired: Vec::new(),
             announce: None,
+            news: Vec::new(),
         };
         encoded.push(serde_json::to_vec(&state).expect("encodes"));
     }
@@ -287,6 +288,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             entries,
             retired: Vec::new(),
             announce: None,
+            news: Vec::new(),
         })
         .expect("encodes")
     };
@@ -527,6 +529,7 @@ mod tests {
                     entries,
                     retired,
                     announce: None,
+                    news: Vec::new(),
                 })
                 .expect("encodes")
             })

@@ -454,6 +454,7 @@ mod tests {
             entries,
             retired: Vec::new(),
             announce: None,
+            news: Vec::new(),
         }
     }
 

@@ -1,76 +1,122 @@
-//! Members that announced themselves before DNS lists them (design.md §5).
+//! Members coming and going faster than DNS says (design.md §5).
 //!
 //! CoreDNS caches answers (kubeadm: `cache 30`), so a sibling's SRV answer
-//! can lack a new pod for 30 s. A starting pod therefore announces itself,
-//! and its siblings count it as a member from then on. DNS confirms it later
-//! (same pod at the same address); an announced member DNS never confirms
-//! (it died at once, or was never meant to be one) is forgotten after
+//! can lack a new pod for 30 s, or list one at an address it no longer
+//! has. A starting pod therefore announces itself, and its siblings count
+//! it as a member from then on. An announced member DNS does not list (it
+//! died at once, or was never meant to be one) is forgotten after
 //! [`ANNOUNCED_FOR`], so it cannot keep totals incomplete forever.
 //!
 //! The other way round, a pod leaving hands its final state over: it has
 //! *departed*. While a cached answer still lists it, a departed pod that
 //! does not answer does not make totals incomplete (its last count is
 //! known exactly); one that answers, or announces itself again, is back.
+//!
+//! An announce reaches only the siblings the new pod could reach at the
+//! addresses its own (cached) DNS answer gave; a sibling that was itself
+//! replaced at a new address, or restarted since and forgot, never hears
+//! it, and would call a total complete without the new pod. So what a pod
+//! heard travels: every peer state carries the newest [`Notice`] per pod
+//! (the newest wins, announce or departure), and a round fetches the
+//! members it learns of that way too. A notice keeps the time it was first
+//! heard, so passing it around never extends its life.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::discovery::Peer;
+use crate::peers::wire::Notice;
 
-/// How long an announced member counts without DNS confirming it: twice
-/// CoreDNS's cache time, plus the refresh, is when DNS must show it.
+/// How long an announce (or a departure) counts: twice CoreDNS's cache
+/// time, plus the refresh, is when DNS must show the change.
 pub const ANNOUNCED_FOR: Duration = Duration::from_secs(60);
 
 /// What the SRV target column says for a member known by announce only.
 pub const ANNOUNCED_TARGET: &str = "(announced, not yet in DNS)";
 
-/// Announced members not yet confirmed by DNS.
+/// The newest notice per pod, heard first-hand or from siblings.
 #[derive(Debug, Default)]
 pub struct Announced {
-    /// Pod name → where it answers and until when it counts unconfirmed.
-    members: BTreeMap<String, (SocketAddr, Instant)>,
-    /// Pods that handed their final state over, until when that is trusted.
-    departed: BTreeMap<String, Instant>,
+    news: BTreeMap<String, Notice>,
 }
 
 impl Announced {
-    /// `pod` says it answers at `addr` (a newer announce replaces an older).
-    pub fn record(&mut self, pod: &str, addr: SocketAddr, now: Instant) {
-        self.departed.remove(pod);
-        self.members
-            .insert(pod.to_string(), (addr, now + ANNOUNCED_FOR));
+    /// `pod` says itself it answers at `addr`: newer than anything heard.
+    pub fn record(&mut self, pod: &str, addr: SocketAddr, now_ms: u64) {
+        self.first_hand(pod, Some(addr), now_ms);
     }
 
     /// `pod` handed its final state over on its way out.
-    pub fn depart(&mut self, pod: &str, now: Instant) {
-        self.members.remove(pod);
-        self.departed.insert(pod.to_string(), now + ANNOUNCED_FOR);
+    pub fn depart(&mut self, pod: &str, now_ms: u64) {
+        self.first_hand(pod, None, now_ms);
     }
 
-    /// Whether `pod` left (handed its final state over) and has not
-    /// announced itself since.
-    pub fn has_departed(&mut self, pod: &str, now: Instant) -> bool {
-        self.departed.retain(|_, until| *until > now);
-        self.departed.contains_key(pod)
+    fn first_hand(&mut self, pod: &str, addr: Option<SocketAddr>, now_ms: u64) {
+        // Newer than what was heard of it before, whoever's clock that was.
+        let at_ms = self
+            .news
+            .get(pod)
+            .map_or(now_ms, |old| now_ms.max(old.at_ms + 1));
+        self.news.insert(
+            pod.to_string(),
+            Notice {
+                pod: pod.to_string(),
+                at_ms,
+                addr,
+            },
+        );
+    }
+
+    /// Takes what a sibling heard: per pod, the newer notice wins. Notices
+    /// about `me`, about names `accept` refuses, and expired ones are
+    /// ignored. Returns the pods whose notice changed.
+    pub fn learn(
+        &mut self,
+        notices: &[Notice],
+        me: &str,
+        accept: impl Fn(&str) -> bool,
+        now_ms: u64,
+    ) -> Vec<String> {
+        let mut changed = Vec::new();
+        for n in notices {
+            if n.pod == me || !accept(&n.pod) || expired(n, now_ms) {
+                continue;
+            }
+            if self.news.get(&n.pod).is_none_or(|old| n.at_ms > old.at_ms) {
+                self.news.insert(n.pod.clone(), n.clone());
+                changed.push(n.pod.clone());
+            }
+        }
+        changed
+    }
+
+    /// What this pod passes on (expired notices are dropped here).
+    pub fn news(&mut self, now_ms: u64) -> Vec<Notice> {
+        self.news.retain(|_, n| !expired(n, now_ms));
+        self.news.values().cloned().collect()
+    }
+
+    /// Whether the newest word of `pod` is that it left (handed its final
+    /// state over).
+    pub fn has_departed(&mut self, pod: &str, now_ms: u64) -> bool {
+        self.news.retain(|_, n| !expired(n, now_ms));
+        self.news.get(pod).is_some_and(|n| n.addr.is_none())
     }
 
     /// Adds the announced members to `peers` (DNS's answer): those DNS
     /// lacks are added, those DNS lists at another address get the
-    /// announced one (first-hand and newer than a cached answer). Members
-    /// DNS confirms, and expired ones, are forgotten.
-    pub fn add_to(&mut self, peers: &mut Vec<Peer>, now: Instant) {
-        self.members.retain(|pod, (addr, until)| {
-            let confirmed = peers.iter().any(|p| p.pod == *pod && p.addr == *addr);
-            !confirmed && *until > now
-        });
-        for (pod, (addr, _)) in &self.members {
-            match peers.iter_mut().find(|p| p.pod == *pod) {
-                Some(peer) => peer.addr = *addr,
+    /// announced one (first-hand and newer than a cached answer).
+    pub fn add_to(&mut self, peers: &mut Vec<Peer>, now_ms: u64) {
+        self.news.retain(|_, n| !expired(n, now_ms));
+        for n in self.news.values() {
+            let Some(addr) = n.addr else { continue };
+            match peers.iter_mut().find(|p| p.pod == n.pod) {
+                Some(peer) => peer.addr = addr,
                 None => peers.push(Peer {
-                    pod: pod.clone(),
+                    pod: n.pod.clone(),
                     target: ANNOUNCED_TARGET.to_string(),
-                    addr: *addr,
+                    addr,
                 }),
             }
         }
@@ -78,9 +124,15 @@ impl Announced {
     }
 }
 
+fn expired(n: &Notice, now_ms: u64) -> bool {
+    n.at_ms.saturating_add(ANNOUNCED_FOR.as_millis() as u64) <= now_ms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FOR: u64 = ANNOUNCED_FOR.as_millis() as u64;
 
     fn peer(pod: &str, addr: &str) -> Peer {
         Peer {
@@ -90,9 +142,20 @@ mod tests {
         }
     }
 
+    fn pods(peers: &[Peer]) -> Vec<(&str, String)> {
+        peers
+            .iter()
+            .map(|p| (p.pod.as_str(), p.addr.to_string()))
+            .collect()
+    }
+
+    fn any(_: &str) -> bool {
+        true
+    }
+
     #[test]
-    fn an_announced_pod_is_a_member_until_dns_confirms_it() {
-        let t0 = Instant::now();
+    fn an_announced_pod_is_a_member_while_dns_lacks_it() {
+        let t0 = 1_000_000;
         let mut announced = Announced::default();
         announced.record("tally-2", "10.0.0.12:8081".parse().unwrap(), t0);
         // DNS still serves a cached answer without tally-2.
@@ -101,42 +164,113 @@ mod tests {
         assert_eq!(peers.len(), 2);
         assert_eq!(peers[1].pod, "tally-2");
         assert_eq!(peers[1].target, ANNOUNCED_TARGET);
-        // DNS lists it at that address: confirmed, nothing left to add.
+        // DNS lists it at that address: nothing to add.
         let mut peers = vec![
             peer("tally-0", "10.0.0.10:8081"),
             peer("tally-2", "10.0.0.12:8081"),
         ];
-        announced.add_to(&mut peers, t0 + Duration::from_secs(1));
-        assert!(announced.members.is_empty());
+        announced.add_to(&mut peers, t0 + 1000);
+        assert_eq!(peers.len(), 2);
         assert_eq!(peers[1].target, peer("tally-2", "10.0.0.12:8081").target);
     }
 
     #[test]
     fn a_departed_pod_is_known_gone_until_it_announces_again() {
-        let t0 = Instant::now();
+        let t0 = 1_000_000;
         let mut announced = Announced::default();
         announced.depart("tally-3", t0);
-        assert!(announced.has_departed("tally-3", t0 + Duration::from_secs(1)));
+        assert!(announced.has_departed("tally-3", t0 + 1000));
         assert!(!announced.has_departed("tally-2", t0));
+        // Within the same millisecond, the later word still wins.
         announced.record("tally-3", "10.0.0.13:8081".parse().unwrap(), t0);
         assert!(!announced.has_departed("tally-3", t0));
         announced.depart("tally-3", t0);
-        assert!(!announced.has_departed("tally-3", t0 + ANNOUNCED_FOR));
+        assert!(announced.has_departed("tally-3", t0));
+        assert!(!announced.has_departed("tally-3", t0 + 2 + FOR));
     }
 
     #[test]
-    fn an_announce_beats_a_cached_address_and_unconfirmed_ones_expire() {
-        let t0 = Instant::now();
+    fn an_announce_beats_a_cached_address_and_expires() {
+        let t0 = 1_000_000;
         let mut announced = Announced::default();
         // tally-1 came back at a new address; DNS still has the old one.
         announced.record("tally-1", "10.0.0.21:8081".parse().unwrap(), t0);
         let mut peers = vec![peer("tally-1", "10.0.0.11:8081")];
-        announced.add_to(&mut peers, t0 + Duration::from_secs(5));
+        announced.add_to(&mut peers, t0 + 5000);
         assert_eq!(peers[0].addr, "10.0.0.21:8081".parse().unwrap());
-        // Never confirmed: after ANNOUNCED_FOR, DNS's word stands.
+        // After ANNOUNCED_FOR, DNS's word stands.
         let mut peers = vec![peer("tally-1", "10.0.0.11:8081")];
-        announced.add_to(&mut peers, t0 + ANNOUNCED_FOR);
+        announced.add_to(&mut peers, t0 + FOR);
         assert_eq!(peers[0].addr, "10.0.0.11:8081".parse().unwrap());
-        assert!(announced.members.is_empty());
+        assert!(announced.news(t0 + FOR).is_empty());
+    }
+
+    /// The chaos run's violation (seed 7, scale + kill, DNS cache 30 s):
+    /// tally-2 was replaced at a new address while DNS still cached its
+    /// old one, so the new tally-3's announce never reached it; tally-2's
+    /// cached answer lacked tally-3 and it called totals complete without
+    /// it. It must learn tally-3 from any sibling that heard the announce.
+    #[test]
+    fn a_pod_that_missed_an_announce_learns_it_from_a_sibling() {
+        let t0 = 1_000_000;
+        let mut tally_1 = Announced::default();
+        tally_1.record("tally-3", "10.0.0.13:8081".parse().unwrap(), t0);
+        let mut tally_2 = Announced::default();
+        let dns = vec![
+            peer("tally-0", "10.0.0.10:8081"),
+            peer("tally-1", "10.0.0.11:8081"),
+            peer("tally-2", "10.0.0.22:8081"),
+        ];
+        let mut members = dns.clone();
+        tally_2.add_to(&mut members, t0 + 100);
+        assert_eq!(members.len(), 3, "before: tally-3 is unknown to tally-2");
+        let heard = tally_2.learn(&tally_1.news(t0 + 100), "tally-2", any, t0 + 100);
+        assert_eq!(heard, ["tally-3"]);
+        let mut members = dns.clone();
+        tally_2.add_to(&mut members, t0 + 100);
+        assert_eq!(pods(&members)[3], ("tally-3", "10.0.0.13:8081".to_string()));
+        // Passing it on does not extend its life.
+        let mut tally_0 = Announced::default();
+        tally_0.learn(&tally_2.news(t0 + 200), "tally-0", any, t0 + FOR - 1);
+        let mut members = dns.clone();
+        tally_0.add_to(&mut members, t0 + FOR);
+        assert_eq!(members.len(), 3);
+    }
+
+    #[test]
+    fn the_newest_word_wins_whoever_passes_it_on() {
+        let t0 = 1_000_000;
+        let addr: SocketAddr = "10.0.0.13:8081".parse().unwrap();
+        let mut heard_announce = Announced::default();
+        heard_announce.record("tally-3", addr, t0);
+        let mut heard_departure = Announced::default();
+        heard_departure.depart("tally-3", t0 + 5000);
+        // The old announce does not bring a departed pod back.
+        let old = heard_announce.news(t0 + 6000);
+        assert!(
+            heard_departure
+                .learn(&old, "tally-0", any, t0 + 6000)
+                .is_empty()
+        );
+        assert!(heard_departure.has_departed("tally-3", t0 + 6000));
+        // The departure replaces the announce where it arrives.
+        let newer = heard_departure.news(t0 + 6000);
+        heard_announce.learn(&newer, "tally-1", any, t0 + 6000);
+        assert!(heard_announce.has_departed("tally-3", t0 + 6000));
+        let mut members = vec![peer("tally-0", "10.0.0.10:8081")];
+        heard_announce.add_to(&mut members, t0 + 6000);
+        assert_eq!(members.len(), 1);
+    }
+
+    #[test]
+    fn notices_about_itself_or_foreign_names_are_not_taken() {
+        let t0 = 1_000_000;
+        let mut source = Announced::default();
+        source.record("tally-0", "10.0.0.10:8081".parse().unwrap(), t0);
+        source.record("web-0", "10.0.0.99:8081".parse().unwrap(), t0);
+        let mut me = Announced::default();
+        let ours = |pod: &str| pod.starts_with("tally-");
+        assert!(me.learn(&source.news(t0), "tally-0", ours, t0).is_empty());
+        assert!(me.news(t0).is_empty());
     }
 }

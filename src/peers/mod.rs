@@ -190,6 +190,14 @@ impl Cluster {
     /// What the peer route answers: this pod's entry, all it knows, and
     /// the retired counters.
     pub fn peer_state(&self) -> PeerState {
+        // The news first: a departure is recorded after its final state was
+        // absorbed, so a state passing on a departure holds that count.
+        let news = self
+            .inner
+            .announced
+            .lock()
+            .expect("poisoned")
+            .news(unix_now_ms());
         let me = self.inner.my_entry();
         let key = me.key();
         let counter = self.inner.counter.lock().expect("poisoned");
@@ -201,6 +209,7 @@ impl Cluster {
             entries,
             retired: counter.retired().collect(),
             announce: None,
+            news,
         }
     }
 
@@ -251,15 +260,22 @@ impl Cluster {
             tracing::warn!(counter = %dispute.key, %dispute, "relayed count ignored");
         }
         self.inner.changed(absorbed.changed);
+        let now_ms = unix_now_ms();
         let mut announced = self.inner.announced.lock().expect("poisoned");
+        announced.learn(
+            &state.news,
+            &me.pod,
+            |pod| self.inner.names_a_pod(pod),
+            now_ms,
+        );
         match state.announce {
             _ if state.pod == me.pod => {}
             Some(addr) => {
                 tracing::info!(pod = %state.pod, %addr, "sibling announced itself");
-                announced.record(&state.pod, addr, Instant::now());
+                announced.record(&state.pod, addr, now_ms);
             }
             // Only a pod on its way out hands its state over unannounced.
-            None => announced.depart(&state.pod, Instant::now()),
+            None => announced.depart(&state.pod, now_ms),
         }
         Ok(())
     }
@@ -453,39 +469,50 @@ impl Inner {
         };
         // DNS's answer, plus the siblings that announced themselves since;
         // this pod under its own name even when the SRV target is an address.
-        let mut peers = members.peers;
-        self.announced
-            .lock()
-            .expect("poisoned")
-            .add_to(&mut peers, Instant::now());
-        for peer in &mut peers {
-            if self.is_me(peer) {
-                peer.pod.clone_from(&self.pod);
+        let dns = members.peers;
+        let mut peers = self.with_news(&dns);
+        let mut results = self.fetch(&peers, deadline).await;
+        // What the siblings heard may name members this pod never heard
+        // of, or a new address for one it could not reach: fetch those too,
+        // in this round, or a total could be complete without them.
+        for _ in 0..MAX_NEWS_PHASES {
+            let mut heard = false;
+            for (_, result, _) in &results {
+                if let Ok(state) = result {
+                    heard |= !self
+                        .announced
+                        .lock()
+                        .expect("poisoned")
+                        .learn(
+                            &state.news,
+                            &self.pod,
+                            |pod| self.names_a_pod(pod),
+                            unix_now_ms(),
+                        )
+                        .is_empty();
+                }
             }
+            if !heard {
+                break;
+            }
+            let now = self.with_news(&dns);
+            let again: Vec<Peer> = now
+                .iter()
+                .filter(|p| {
+                    !results.iter().any(|(q, result, _)| {
+                        q.pod == p.pod && (q.addr == p.addr || result.is_ok())
+                    })
+                })
+                .cloned()
+                .collect();
+            if again.is_empty() {
+                break;
+            }
+            tracing::debug!(members = ?again.iter().map(|p| &p.pod).collect::<Vec<_>>(), "members learned from siblings");
+            results.retain(|(q, _, _)| !again.iter().any(|p| p.pod == q.pod));
+            results.extend(self.fetch(&again, deadline).await);
+            peers = now;
         }
-        let fetches = self.siblings(&peers, deadline).map(|(peer, limit)| {
-            let peer = peer.clone();
-            let client = self.client.clone();
-            let metrics = self.metrics.clone();
-            async move {
-                metrics.peer_fetches.inc();
-                let t0 = Instant::now();
-                let result = client.fetch(peer.addr, limit).await.and_then(|state| {
-                    // SRV targets that are addresses are members by the pod
-                    // name they answer with; a pod name must answer as itself.
-                    if state.pod == peer.pod || !self.names_a_pod(&peer.pod) {
-                        Ok(state)
-                    } else {
-                        Err(FetchError::Invalid(format!(
-                            "{} at {} answered as {:?}",
-                            peer.pod, peer.addr, state.pod
-                        )))
-                    }
-                });
-                (peer, result, t0.elapsed())
-            }
-        });
-        let results = futures::future::join_all(fetches).await;
         // SRV targets that are addresses, by the pod name they answered with.
         let answered_as: BTreeMap<String, String> = results
             .iter()
@@ -513,11 +540,11 @@ impl Inner {
             ..Round::default()
         };
         {
-            let now = Instant::now();
+            let now_ms = unix_now_ms();
             let mut announced = self.announced.lock().expect("poisoned");
             round.departed = peers
                 .iter()
-                .filter(|p| announced.has_departed(&p.pod, now))
+                .filter(|p| announced.has_departed(&p.pod, now_ms))
                 .map(|p| p.pod.clone())
                 .collect();
         }
@@ -582,6 +609,53 @@ impl Inner {
         round
     }
 
+    /// DNS's answer with what was heard of members since (announces,
+    /// first-hand or passed on), this pod under its own name.
+    fn with_news(&self, dns: &[Peer]) -> Vec<Peer> {
+        let mut peers = dns.to_vec();
+        self.announced
+            .lock()
+            .expect("poisoned")
+            .add_to(&mut peers, unix_now_ms());
+        for peer in &mut peers {
+            if self.is_me(peer) {
+                peer.pod.clone_from(&self.pod);
+            }
+        }
+        peers
+    }
+
+    /// Fetches every sibling among `peers` at once, each within its limit.
+    async fn fetch(
+        &self,
+        peers: &[Peer],
+        deadline: Instant,
+    ) -> Vec<(Peer, Result<PeerState, FetchError>, Duration)> {
+        let fetches = self.siblings(peers, deadline).map(|(peer, limit)| {
+            let peer = peer.clone();
+            let client = self.client.clone();
+            let metrics = self.metrics.clone();
+            async move {
+                metrics.peer_fetches.inc();
+                let t0 = Instant::now();
+                let result = client.fetch(peer.addr, limit).await.and_then(|state| {
+                    // SRV targets that are addresses are members by the pod
+                    // name they answer with; a pod name must answer as itself.
+                    if state.pod == peer.pod || !self.names_a_pod(&peer.pod) {
+                        Ok(state)
+                    } else {
+                        Err(FetchError::Invalid(format!(
+                            "{} at {} answered as {:?}",
+                            peer.pod, peer.addr, state.pod
+                        )))
+                    }
+                });
+                (peer, result, t0.elapsed())
+            }
+        });
+        futures::future::join_all(fetches).await
+    }
+
     /// This pod, by name or, when the SRV target names an address, by its
     /// peer address (a pod never calls itself).
     fn is_me(&self, peer: &Peer) -> bool {
@@ -608,6 +682,17 @@ impl Inner {
         crate::identity::split_ordinal(label)
             .is_some_and(|(set, _)| set == discovery.member().statefulset)
     }
+}
+
+/// Rounds of fetching members learned from siblings' news, after the
+/// first: each can only add what the previous one heard.
+const MAX_NEWS_PHASES: usize = 3;
+
+/// Unix time in milliseconds: when a notice was heard.
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The local address this host would send from to reach `to`: one of its

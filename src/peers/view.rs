@@ -200,6 +200,7 @@ mod tests {
             entries: vec![e(pod, inc, n)],
             retired: vec![],
             announce: None,
+            news: Vec::new(),
         };
         let none = BTreeMap::new();
         for (pod, inc, n) in [("t-1", "b", 7), ("t-2", "c", 3), ("t-1", "old", 2)] {

@@ -52,6 +52,25 @@ pub struct PeerState {
     /// route answers, so siblings count it before DNS lists it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce: Option<std::net::SocketAddr>,
+    /// The newest word the sender has of members coming and going
+    /// (announces and hand-overs it received or learned), so a pod that
+    /// missed an announce learns it from any sibling that did
+    /// ([`announced`](crate::peers::announced)). Counted against
+    /// [`MAX_ENTRIES`]: a notice is shorter than an entry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub news: Vec<Notice>,
+}
+
+/// What a pod heard of a member: it announced itself at `addr`, or (no
+/// `addr`) it handed its final state over on its way out, at `at_ms`
+/// (unix milliseconds, the clock of the pod that heard it first).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Notice {
+    pub pod: String,
+    pub at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<std::net::SocketAddr>,
 }
 
 impl PeerState {
@@ -152,7 +171,7 @@ pub fn check_peer_state(state: &PeerState) -> Result<(), StateError> {
     if !valid_name(&state.pod, &state.incarnation) {
         return Err(StateError::BadName(sender));
     }
-    let size = state.entries.len() + state.retired.len();
+    let size = state.entries.len() + state.retired.len() + state.news.len();
     if size > MAX_ENTRIES {
         return Err(StateError::TooMany {
             sender,
@@ -184,6 +203,18 @@ pub fn check_peer_state(state: &PeerState) -> Result<(), StateError> {
             return Err(StateError::Duplicate {
                 sender,
                 entry: format!("{}/{} (retired)", r.pod, r.incarnation),
+            });
+        }
+    }
+    let mut heard = HashSet::new();
+    for n in &state.news {
+        if !valid_name(&n.pod, "news") {
+            return Err(StateError::BadName(format!("{}/news", n.pod)));
+        }
+        if !heard.insert(n.pod.as_str()) {
+            return Err(StateError::Duplicate {
+                sender,
+                entry: format!("{} (news)", n.pod),
             });
         }
     }
@@ -300,6 +331,7 @@ mod tests {
             entries,
             retired: Vec::new(),
             announce: None,
+            news: Vec::new(),
         }
     }
 
@@ -364,5 +396,45 @@ mod tests {
         longest.entries.push(e("t-9", "z", 0));
         let bytes = serde_json::to_vec(&longest).unwrap();
         assert_eq!(decode_state(&bytes).unwrap_err().reason(), "too_many");
+    }
+
+    /// News counts against the entry limit, so it must never be longer
+    /// than the longest entry.
+    #[test]
+    fn the_longest_notice_is_shorter_than_the_longest_entry() {
+        let notice = Notice {
+            pod: "p".repeat(MAX_POD_LEN),
+            at_ms: u64::MAX,
+            addr: Some(
+                "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                    .parse()
+                    .unwrap(),
+            ),
+        };
+        let bytes = serde_json::to_vec(&notice).unwrap().len() + 1;
+        assert!(bytes <= MAX_ENTRY_BYTES, "{bytes} > {MAX_ENTRY_BYTES}");
+    }
+
+    #[test]
+    fn news_with_bad_names_duplicates_or_too_many_is_refused() {
+        let notice = |pod: &str| Notice {
+            pod: pod.into(),
+            at_ms: 1,
+            addr: None,
+        };
+        let mut s = state(vec![e("t-1", "b", 1)]);
+        s.news = vec![notice("t-2"), notice("t-3")];
+        decode_state(&serde_json::to_vec(&s).unwrap()).unwrap();
+        s.news = vec![notice("t 2")];
+        let bad = decode_state(&serde_json::to_vec(&s).unwrap()).unwrap_err();
+        assert_eq!(bad.reason(), "bad_name");
+        s.news = vec![notice("t-2"), notice("t-2")];
+        let twice = decode_state(&serde_json::to_vec(&s).unwrap()).unwrap_err();
+        assert_eq!(twice.reason(), "duplicate");
+        s.news = (0..MAX_ENTRIES)
+            .map(|i| notice(&format!("t-{i}")))
+            .collect();
+        let many = decode_state(&serde_json::to_vec(&s).unwrap()).unwrap_err();
+        assert_eq!(many.reason(), "too_many");
     }
 }
