@@ -45,6 +45,10 @@ enum Cmd {
         /// CoreDNS's `cache 30` in kubeadm clusters; 0: no cache.
         #[arg(long, default_value_t = 0)]
         dns_cache: u32,
+        /// Make each claim a tmpfs of this many MiB, so `nemesis volume-full`
+        /// can fill it without filling the host's disk; 0: plain directories.
+        #[arg(long, default_value_t = 0)]
+        volume_limit_mb: u32,
         /// First CrashLoopBackOff delay, seconds (the kubelet's: 10).
         #[arg(long, default_value_t = 10.0)]
         restart_backoff: f64,
@@ -127,9 +131,10 @@ enum Cmd {
         pod: String,
     },
     /// Inject a fault (the chaos nemeses): isolate POD | partition POD,POD POD,.. | loss POD [--percent N] |
-    /// slow POD | dns-down POD.. | kill POD | pause POD. `heal` removes every fault.
+    /// slow POD | dns-down POD.. | dns-servfail | volume-full POD | kill POD | pause POD. `heal` removes
+    /// every fault.
     Nemesis {
-        /// isolate, partition, loss, slow, dns-down, kill or pause.
+        /// isolate, partition, loss, slow, dns-down, dns-servfail, volume-full, kill or pause.
         kind: String,
         /// Pods (for partition: one comma-separated group per argument).
         pods: Vec<String>,
@@ -150,6 +155,8 @@ enum Cmd {
         dns_ttl: u32,
         #[arg(long, default_value_t = 0)]
         dns_cache: u32,
+        #[arg(long, default_value_t = 0)]
+        volume_limit_mb: u32,
         #[arg(long, default_value_t = 10_000)]
         restart_backoff_ms: u64,
         #[arg(long, default_value = "cluster.local")]
@@ -253,6 +260,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             manifests,
             dns_ttl,
             dns_cache,
+            volume_limit_mb,
             restart_backoff_ms,
             domain,
             detach,
@@ -276,6 +284,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     self_exe: self_exe()?,
                     dns_ttl,
                     dns_cache,
+                    volume_limit_mb,
                     restart_backoff: Duration::from_millis(restart_backoff_ms),
                     domain,
                 },
@@ -289,6 +298,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             manifests,
             dns_ttl,
             dns_cache,
+            volume_limit_mb,
             restart_backoff,
             domain,
             timeout,
@@ -300,6 +310,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut opts = ClusterOptions::new(&name, self_exe()?, tally_bin()?, yaml);
             opts.dns_ttl = dns_ttl;
             opts.dns_cache = dns_cache;
+            opts.volume_limit_mb = volume_limit_mb;
             opts.restart_backoff = Duration::from_secs_f64(restart_backoff);
             opts.domain = domain;
             opts.detach = true;

@@ -591,8 +591,19 @@ mod tests {
             total("tally-1", 12 * S, 13 * S, 1, false),
             fault("kill", 30 * S, 40 * S),
             total("tally-0", 33 * S, 34 * S, 1, true), // a kill cuts nobody off for good
+            fault("volume-full", 50 * S, 60 * S),
+            total("tally-0", 53 * S, 54 * S, 1, true), // nobody is cut off
         ];
         assert_eq!(rules(&ops), [Rule::CompleteWhileCutOff]);
+        // DNS answering SERVFAIL is DNS failing, like DNS unreachable.
+        for kind in ["dns-down", "dns-servfail"] {
+            let ops = vec![
+                visit(0, 1, Outcome::Ok),
+                fault(kind, 10 * S, 20 * S),
+                total("tally-0", 12 * S, 13 * S, 1, true),
+            ];
+            assert_eq!(rules(&ops), [Rule::CompleteWhileCutOff], "{kind}");
+        }
     }
 
     #[test]

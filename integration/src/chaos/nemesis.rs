@@ -17,6 +17,8 @@ pub const ALL: &[&str] = &[
     "kill",
     "pause",
     "dns-down",
+    "dns-servfail",
+    "volume-full",
     "scale",
     "upgrade",
     "delete-pod",
@@ -29,6 +31,19 @@ const REPLACING: &[&str] = &["scale", "upgrade", "delete-pod"];
 
 /// Kinds made of rules in the pods' network namespaces.
 pub const NETWORK: &[&str] = &["isolate", "partition", "loss", "slow", "dns-down"];
+
+/// Kinds that end when the heal begins: the network faults, DNS answering
+/// again, the filler deleted. (A process or StatefulSet change ends once
+/// every pod is Ready again.)
+pub const ENDS_AT_HEAL: &[&str] = &[
+    "isolate",
+    "partition",
+    "loss",
+    "slow",
+    "dns-down",
+    "dns-servfail",
+    "volume-full",
+];
 
 /// Checks a `--nemesis a,b` list.
 pub fn parse_list(list: &str) -> Result<Vec<String>, String> {
@@ -125,6 +140,13 @@ pub fn plan(
                     pods: pods.to_vec(),
                 }),
             },
+            // The one DNS server fails for every pod.
+            "dns-servfail" => Planned {
+                kind: kind.clone(),
+                target: pods.to_vec(),
+                fault: Some(Fault::DnsServfail),
+            },
+            "volume-full" => one(Fault::VolumeFull { pod: pod.clone() }),
             "scale" => {
                 let to = if replicas > 1 && rng.random_bool(0.5) {
                     replicas - 1

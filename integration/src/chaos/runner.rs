@@ -82,6 +82,10 @@ const FAST: &[&str] = &[
     "auth.token=chaos-peer-token-0123456789abcdef",
 ];
 
+/// Size of each pod's volume (a tmpfs) in chaos runs: room for tally's
+/// files many times over, and little to fill.
+const VOLUME_LIMIT_MB: u32 = 16;
+
 fn render(o: &Options, round: u32) -> Result<String> {
     let mut args = vec![
         "--set".to_string(),
@@ -322,10 +326,10 @@ fn apply(cluster: &Cluster, o: &Options, round: u32, p: &Planned) -> Result<()> 
     }
 }
 
-/// Network faults end when the heal begins; the others (a process or the
-/// StatefulSet changed) end once every pod is Ready again.
+/// Network, DNS and volume faults end when the heal begins; the others (a
+/// process or the StatefulSet changed) end once every pod is Ready again.
 fn ends_at_heal(kind: &str) -> bool {
-    nemesis::NETWORK.contains(&kind)
+    nemesis::ENDS_AT_HEAL.contains(&kind)
 }
 
 /// Runs the whole thing; the history is complete when this returns `Ok`.
@@ -336,6 +340,8 @@ pub fn run(o: &Options) -> Result<Ran> {
     let mut opts = ClusterOptions::new(&o.name, &o.sim_exe, &o.tally_bin, render(o, 0)?);
     opts.restart_backoff = Duration::from_millis(200);
     opts.dns_cache = o.dns_cache;
+    // Small bounded volumes: `volume-full` fills one in RAM, never the disk.
+    opts.volume_limit_mb = VOLUME_LIMIT_MB;
     let mut cluster = Cluster::start(&opts)?;
     let status = cluster.wait_ready(Duration::from_secs(180))?;
     let port = port_of(&status);

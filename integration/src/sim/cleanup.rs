@@ -115,6 +115,9 @@ pub fn force_down(name: &str, state_dir: &Path, kill_daemon: bool) -> Result<Vec
         net::delete_ns(ns)?;
         report.push(format!("deleted network namespace {ns}"));
     }
+    // Bounded claims are tmpfs mounts: unmounted first, or removing the
+    // state directory would stop at them.
+    report.extend(super::volume::unbound_all(&state_dir.join("pvc")));
     if state_dir.exists() {
         fs::remove_dir_all(state_dir)
             .or_else(|e| if state_dir.exists() { Err(e) } else { Ok(()) })?;

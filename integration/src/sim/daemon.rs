@@ -44,6 +44,9 @@ pub struct DaemonConfig {
     pub dns_ttl: u32,
     /// CoreDNS `cache N`, seconds; 0 = no cache.
     pub dns_cache: u32,
+    /// Each claim is a tmpfs of this many MiB (so a `volume-full` fault
+    /// fills it, not the host's disk); 0 = plain directories.
+    pub volume_limit_mb: u32,
     /// First CrashLoopBackOff delay (the kubelet's is 10 s, doubling to 5 min).
     pub restart_backoff: Duration,
     /// Cluster domain.
@@ -67,6 +70,10 @@ pub(super) struct Sim {
     pub(super) proxy: ServiceProxy,
     /// Processes a `pause` fault stopped (SIGCONT at heal).
     pub(super) paused: Vec<u32>,
+    /// The `dns-servfail` fault is in place.
+    pub(super) dns_servfail: bool,
+    /// Filler files of `volume-full` faults (deleted at heal).
+    pub(super) fillers: Vec<PathBuf>,
 }
 
 impl Sim {
@@ -100,7 +107,8 @@ impl Sim {
 
     pub(super) fn publish(&mut self) {
         let pods = self.pod_recs();
-        let zone = Zone::build(&self.cfg.domain, self.cfg.dns_ttl, &self.services, &pods);
+        let mut zone = Zone::build(&self.cfg.domain, self.cfg.dns_ttl, &self.services, &pods);
+        zone.servfail = self.dns_servfail;
         if let Ok(mut z) = self.zone.write() {
             *z = Arc::new(zone);
         }
@@ -348,6 +356,8 @@ pub fn run_daemon(cfg: DaemonConfig, yaml: &str) -> Result<()> {
         zone: Arc::new(RwLock::new(Arc::new(Zone::default()))),
         proxy: ServiceProxy::default(),
         paused: Vec::new(),
+        dns_servfail: false,
+        fillers: Vec::new(),
     };
     let sim = Arc::new(Mutex::new(sim));
     let result = rt.block_on(daemon_main(sim.clone(), probe_rx));

@@ -55,6 +55,10 @@ pub struct Zone {
     /// Every name that exists (owners and their ancestors inside the zone),
     /// to tell NODATA from NXDOMAIN.
     names: HashSet<String>,
+    /// The `dns-servfail` nemesis: every query is answered SERVFAIL, the
+    /// cache included (as a CoreDNS that cannot serve at all; errors are
+    /// never cached).
+    pub(super) servfail: bool,
 }
 
 fn dashed(ip: Ipv4Addr) -> String {
@@ -194,6 +198,13 @@ impl Zone {
     /// Answers one query message.
     pub fn answer(&self, request: &Message) -> Message {
         let mut resp = Message::response(request.metadata.id, request.metadata.op_code);
+        if self.servfail {
+            resp.metadata.recursion_desired = request.metadata.recursion_desired;
+            resp.metadata.recursion_available = true;
+            resp.queries.clone_from(&request.queries);
+            resp.metadata.response_code = ResponseCode::ServFail;
+            return resp;
+        }
         resp.metadata.recursion_desired = request.metadata.recursion_desired;
         // CoreDNS answers as a recursive resolver would (RA set); clients such
         // as nslookup warn otherwise.
@@ -286,6 +297,7 @@ fn respond(zone: &SharedZone, cache: Option<&Cache>, packet: &[u8], udp: bool) -
     let request = Message::from_vec(packet).ok()?;
     let zone = zone.read().ok()?.clone();
     let response = match cache {
+        Some(_) if zone.servfail => zone.answer(&request),
         Some(cache) => cache.answer(&request, Instant::now(), || zone.answer(&request)),
         None => zone.answer(&request),
     };
@@ -531,6 +543,38 @@ mod tests {
             2,
             "SRV targets' A records go in Additional"
         );
+    }
+
+    /// The `dns-servfail` nemesis: every answer is SERVFAIL, cached ones
+    /// too, and the answers come back (uncached errors) at heal.
+    #[test]
+    fn a_failing_server_answers_servfail_past_its_cache() {
+        let name = "_http._tcp.tally-headless.default.svc.cluster.local.";
+        let mut q = Message::query();
+        q.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::SRV));
+        let packet = q.to_vec().unwrap();
+        let build = |servfail| {
+            let mut z = Zone::build(
+                "cluster.local",
+                30,
+                &services(),
+                &[pod(0, true, "tally-headless")],
+            );
+            z.servfail = servfail;
+            z
+        };
+        let zone: SharedZone = Arc::new(RwLock::new(Arc::new(build(false))));
+        let cache = Cache::new(Duration::from_secs(30));
+        let code = |zone: &SharedZone| {
+            let bytes = respond(zone, Some(&cache), &packet, true).unwrap();
+            let m = Message::from_vec(&bytes).unwrap();
+            (m.metadata.response_code, m.answers.len())
+        };
+        assert_eq!(code(&zone), (ResponseCode::NoError, 1));
+        *zone.write().unwrap() = Arc::new(build(true));
+        assert_eq!(code(&zone), (ResponseCode::ServFail, 0));
+        *zone.write().unwrap() = Arc::new(build(false));
+        assert_eq!(code(&zone), (ResponseCode::NoError, 1));
     }
 
     #[test]

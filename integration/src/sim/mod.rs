@@ -42,6 +42,7 @@ pub mod pod;
 pub mod proxy;
 pub mod statefulset;
 pub mod status;
+pub mod volume;
 
 use std::collections::HashSet;
 use std::fs;
@@ -73,6 +74,10 @@ pub struct ClusterOptions {
     /// the DNS server's cache up to this many seconds; 0 = no cache (the
     /// default: ordinary tests see membership changes at once).
     pub dns_cache: u32,
+    /// Each claim is a tmpfs of this many MiB, so the `volume-full` fault can
+    /// fill it without filling the host's disk; 0 = plain directories (the
+    /// default).
+    pub volume_limit_mb: u32,
     /// First CrashLoopBackOff delay.
     pub restart_backoff: Duration,
     /// Cluster domain.
@@ -97,6 +102,7 @@ impl ClusterOptions {
             manifests,
             dns_ttl: 30,
             dns_cache: 0,
+            volume_limit_mb: 0,
             restart_backoff: Duration::from_secs(10),
             domain: "cluster.local".into(),
             detach: false,
@@ -174,6 +180,8 @@ impl Cluster {
             .arg(opts.dns_ttl.to_string())
             .arg("--dns-cache")
             .arg(opts.dns_cache.to_string())
+            .arg("--volume-limit-mb")
+            .arg(opts.volume_limit_mb.to_string())
             .arg("--restart-backoff-ms")
             .arg(opts.restart_backoff.as_millis().to_string())
             .arg("--domain")

@@ -11,12 +11,17 @@
 //! - `slow`: a pod's egress goes through a small `tbf` bucket (`netem` is
 //!   not in this kernel), so its answers queue.
 //! - `dns-down`: pods' packets to the cluster DNS server are dropped.
+//! - `dns-servfail`: the cluster DNS server answers every query SERVFAIL
+//!   (its cache included), as a CoreDNS whose backend fails.
+//! - `volume-full`: a pod's claims are filled to the last byte with a filler
+//!   file (bounded claims only, [`super::volume`]); heal deletes it.
 //! - `kill` (SIGKILL) and `pause` (SIGSTOP, SIGCONT at heal) hit the
 //!   container's process.
 
 use std::process::Command;
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::Signal;
@@ -59,6 +64,13 @@ pub enum Fault {
     DnsDown {
         /// Pod names.
         pods: Vec<String>,
+    },
+    /// The cluster DNS server answers SERVFAIL to every query.
+    DnsServfail,
+    /// A pod's volumes are full.
+    VolumeFull {
+        /// Pod name.
+        pod: String,
     },
     /// SIGKILL to the pod's container (the kubelet restarts it).
     Kill {
@@ -105,10 +117,15 @@ impl Fault {
             "dns-down" => Fault::DnsDown {
                 pods: pods.to_vec(),
             },
+            "dns-servfail" if pods.is_empty() => Fault::DnsServfail,
+            "dns-servfail" => {
+                bail!("nemesis dns-servfail takes no pods: the cluster DNS server fails for all")
+            }
+            "volume-full" => Fault::VolumeFull { pod: one()? },
             "kill" => Fault::Kill { pod: one()? },
             "pause" => Fault::Pause { pod: one()? },
             other => bail!(
-                "unknown nemesis {other:?}: use isolate, partition, loss, slow, dns-down, kill or pause"
+                "unknown nemesis {other:?}: use isolate, partition, loss, slow, dns-down, dns-servfail, volume-full, kill or pause"
             ),
         })
     }
@@ -118,7 +135,9 @@ impl Fault {
         match self {
             Fault::Partition { groups } => groups.iter().flatten().cloned().collect(),
             Fault::DnsDown { pods } => pods.clone(),
+            Fault::DnsServfail => Vec::new(),
             Fault::Isolate { pod }
+            | Fault::VolumeFull { pod }
             | Fault::Loss { pod, .. }
             | Fault::Slow { pod }
             | Fault::Kill { pod }
@@ -229,6 +248,17 @@ impl Sim {
             .ok_or_else(|| anyhow!("pod {name} has no running container"))
     }
 
+    /// The claim directories of pod `name` (by its ordinal).
+    fn claim_dirs_of(&self, name: &str) -> Result<Vec<PathBuf>> {
+        let ordinal = self.pod_named(name)?.ordinal;
+        Ok(self
+            .sts
+            .claims
+            .iter()
+            .map(|(claim, _, _)| self.claim_dir(claim, ordinal).1)
+            .collect())
+    }
+
     /// Puts `fault` in place; [`Sim::heal`] removes it.
     pub(super) fn inject(&mut self, fault: &Fault) -> Result<String> {
         match fault {
@@ -269,6 +299,16 @@ impl Sim {
                     dns_down(&self.pod_named(pod)?.netns)?;
                 }
             }
+            Fault::DnsServfail => {
+                self.dns_servfail = true;
+                self.publish();
+            }
+            Fault::VolumeFull { pod } => {
+                for dir in self.claim_dirs_of(pod)? {
+                    let filler = super::volume::fill(&dir)?;
+                    self.fillers.push(filler);
+                }
+            }
             Fault::Kill { pod } => send(self.container_pid(pod)?, Signal::SIGKILL),
             Fault::Pause { pod } => {
                 let pid = self.container_pid(pod)?;
@@ -282,13 +322,19 @@ impl Sim {
     }
 
     /// Removes every fault: network rules and qdiscs in every pod, SIGCONT
-    /// to every paused process.
+    /// to every paused process, the volumes' fillers, DNS answering again.
     pub(super) fn heal(&mut self) -> String {
         for p in self.pods.values() {
             heal_ns(&p.netns);
         }
         for pid in std::mem::take(&mut self.paused) {
             send(pid, Signal::SIGCONT);
+        }
+        for filler in std::mem::take(&mut self.fillers) {
+            let _ = std::fs::remove_file(filler);
+        }
+        if std::mem::take(&mut self.dns_servfail) {
+            self.publish();
         }
         self.event("nemesis", "Healed", "every fault removed");
         "healed".into()
@@ -327,6 +373,17 @@ mod tests {
                 .unwrap()
                 .pods(),
             args(&["a", "b"])
+        );
+        assert_eq!(
+            Fault::parse("dns-servfail", &[], 0).unwrap(),
+            Fault::DnsServfail
+        );
+        assert!(Fault::parse("dns-servfail", &args(&["a"]), 0).is_err());
+        assert_eq!(
+            Fault::parse("volume-full", &args(&["tally-1"]), 0).unwrap(),
+            Fault::VolumeFull {
+                pod: "tally-1".into()
+            }
         );
     }
 }

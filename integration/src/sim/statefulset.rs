@@ -222,6 +222,9 @@ impl Sim {
             if !dir.exists() {
                 fs::create_dir_all(&dir)
                     .with_context(|| format!("creating claim directory {}", dir.display()))?;
+                if self.cfg.volume_limit_mb > 0 {
+                    super::volume::bound(&dir, self.cfg.volume_limit_mb)?;
+                }
                 self.claims
                     .insert(cname.clone(), (Instant::now(), capacity, modes));
                 self.event(
