@@ -65,6 +65,9 @@ pub struct Metrics {
     /// 1 while the store writes and no commit is stuck, else 0; updated at
     /// scrape time.
     pub store_healthy: Gauge,
+    /// 1 while the data volume has no free block (visits answered 503),
+    /// else 0.
+    pub store_volume_full: Gauge,
     /// Duration of a fan-out to all siblings.
     pub fanout_duration: Histogram,
     /// Peer fetches that failed, by kind (timeout, connect, status, body…).
@@ -116,6 +119,7 @@ impl Metrics {
             store_queue_depth: Gauge::default(),
             store_oldest_pending_seconds: Gauge::default(),
             store_healthy: Gauge::default(),
+            store_volume_full: Gauge::default(),
             fanout_duration: latency_histogram(),
             peer_errors: Family::default(),
             peer_fetches: Counter::default(),
@@ -176,6 +180,11 @@ impl Metrics {
             "store_healthy",
             "1 while the store writes and no commit is stuck past commit_timeout_ms, else 0",
             metrics.store_healthy.clone(),
+        );
+        registry.register(
+            "store_volume_full",
+            "1 while the data volume has no free block left, so visits are answered 503, else 0",
+            metrics.store_volume_full.clone(),
         );
         registry.register(
             "fanout_duration_seconds",
@@ -310,6 +319,7 @@ mod tests {
             "tally_store_queue_depth",
             "tally_store_oldest_pending_seconds",
             "tally_store_healthy",
+            "tally_store_volume_full",
             "tally_cluster_entries",
             "tally_peers_state_persist_failures_total",
             "tally_peer_refusals_total{reason=\"overflow\"} 1",

@@ -339,16 +339,19 @@ async fn read_only_volume_answers_503_then_recovers_without_loss() {
     );
 }
 
-/// The counter file is allocated once (format v2): a commit overwrites a
-/// slot in place and needs no new space, so a full volume keeps counting.
+/// A full volume (design.md §6): `GET /` answers 503 with `Retry-After` and
+/// says why and what to do, readiness fails, the error is logged and the
+/// gauge set, no acknowledged visit is lost; freeing space brings it back
+/// on its own. The volume is a real tmpfs filled to its last byte.
 #[tokio::test(flavor = "multi_thread")]
-async fn full_volume_keeps_counting_in_space_allocated_in_advance() {
+async fn full_volume_answers_503_until_space_is_freed_and_loses_nothing() {
     let volume = Tmpfs::mount("256k");
     let http = Http::new();
     let options = TallyOptions::new(&volume.path().join("data"));
     let tally = Tally::start(&options).unwrap();
     for _ in 0..3 {
-        http.get(&tally.url("/")).await.unwrap();
+        let reply = http.get(&tally.url("/")).await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     }
     // Fill the volume to the last byte.
     let filler = volume.path().join("filler");
@@ -362,16 +365,46 @@ async fn full_volume_keeps_counting_in_space_allocated_in_advance() {
         "not full"
     );
 
-    for _ in 0..200 {
+    for _ in 0..3 {
         let reply = http.get(&tally.url("/")).await.unwrap();
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.body
+        );
+        assert_eq!(reply.headers["retry-after"], "1");
+        assert!(
+            reply.body.contains("is full") && reply.body.contains("free space"),
+            "names the cause and the remedy: {}",
+            reply.body
+        );
     }
     let ready = http.get(&tally.url("/readyz")).await.unwrap();
-    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
-    assert_eq!(local_count(&http, &tally).await, 203);
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(ready.body.contains("is full"), "{}", ready.body);
+    let metrics = http.get(&tally.url("/metrics")).await.unwrap().body;
+    assert!(metrics.contains("tally_store_volume_full 1"), "{metrics}");
+    assert_eq!(local_count(&http, &tally).await, 3);
+    assert!(
+        tally
+            .logs()
+            .iter()
+            .any(|l| l.contains("ERROR") && l.contains("data volume full")),
+        "{:#?}",
+        tally.logs()
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    until_ready(&http, &tally).await;
+    let reply = http.get(&tally.url("/")).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(local_count(&http, &tally).await, 4);
+    let metrics = http.get(&tally.url("/metrics")).await.unwrap().body;
+    assert!(metrics.contains("tally_store_volume_full 0"), "{metrics}");
     tally.terminate(Duration::from_secs(10)).unwrap();
     let tally = Tally::start(&options).unwrap();
-    assert_eq!(local_count(&http, &tally).await, 203, "survives a restart");
+    assert_eq!(local_count(&http, &tally).await, 4, "survives a restart");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -220,7 +220,14 @@ impl Cluster {
         let result = tokio::task::spawn_blocking(move || inner.file.write(&inner.counter)).await;
         let error = match result {
             Ok(Ok(())) => return true,
-            Ok(Err(error)) => error.to_string(),
+            Ok(Err(error)) => {
+                if error.kind() == std::io::ErrorKind::StorageFull {
+                    // The volume the counter shares: the store checks its
+                    // free space and stops counting if it is full.
+                    self.inner.store.check_space();
+                }
+                error.to_string()
+            }
             Err(error) => format!("the writer panicked: {error}"),
         };
         self.inner.metrics.persist_failures.inc();

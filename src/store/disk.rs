@@ -28,6 +28,12 @@ pub trait Disk: Send + Sync + fmt::Debug {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes the directory's entries (creations, renames) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Whether the filesystem holding `dir` has no block left for an
+    /// unprivileged writer (`statvfs`: `f_bavail == 0`). Tally calls a volume
+    /// in that state full even where it could still write (its counter file
+    /// is allocated in advance; root may use reserved blocks): design.md §6
+    /// wants a full volume seen at once, not when a write finally fails.
+    fn is_full(&self, dir: &Path) -> io::Result<bool>;
 }
 
 /// An open file of a [`Disk`].
@@ -73,6 +79,10 @@ impl Disk for RealDisk {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
     }
+
+    fn is_full(&self, dir: &Path) -> io::Result<bool> {
+        Ok(rustix::fs::statvfs(dir)?.f_bavail == 0)
+    }
 }
 
 struct RealFile(File);
@@ -113,5 +123,7 @@ mod tests {
         assert_eq!(disk.read(&b).unwrap().unwrap(), b"hello there");
         assert!(disk.read(&a).unwrap().is_none());
         assert!(disk.open(&a).is_err());
+        assert!(!disk.is_full(dir.path()).unwrap());
+        assert!(disk.is_full(&dir.path().join("missing")).is_err());
     }
 }

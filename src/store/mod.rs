@@ -12,7 +12,11 @@
 //! the count where it was, marks the store unhealthy and retries every
 //! second (a fresh slot write and a sync: after a failed `fdatasync` the
 //! kernel may have dropped the dirty pages, so a bare re-sync proves
-//! nothing) until it succeeds, so readiness recovers on its own. A commit
+//! nothing) until it succeeds, so readiness recovers on its own. A full
+//! volume (design.md §6) is one such failure, seen before every commit
+//! (`statvfs`, one syscall per batch), on `ENOSPC` from a write or sync, and
+//! when `peers.state` could not be written for lack of space
+//! ([`Store::check_space`]): `GET /` answers 503 until space is freed. A commit
 //! stuck longer than `commit_timeout` (a hung disk) fails readiness and
 //! new visits get 503 at once; a visit whose caller stopped waiting is never
 //! counted: dropped before its commit starts, or taken back out by a
@@ -143,6 +147,8 @@ struct Waiter {
 
 enum Request {
     Visit(Waiter),
+    /// Another writer on the volume ran out of space: is it full?
+    CheckSpace,
     Close(oneshot::Sender<()>),
 }
 
@@ -166,6 +172,8 @@ struct Shared {
     commit_timeout: Duration,
     /// The counter file, for messages.
     path: PathBuf,
+    /// Its directory: the volume whose free space is checked.
+    dir: PathBuf,
     metrics: Arc<Metrics>,
     /// The data directory's lock, released when the last handle goes.
     _lock: Option<DirLock>,
@@ -295,6 +303,7 @@ impl Store {
             oldest_pending: AtomicU64::new(0),
             commit_timeout: options.commit_timeout,
             path: path.clone(),
+            dir: data_dir.to_path_buf(),
             metrics: metrics.clone(),
             _lock: lock,
         });
@@ -353,6 +362,14 @@ impl Store {
                 self.shared.commit_timeout.as_millis()
             ))),
         }
+    }
+
+    /// Asks the committer whether the volume is full, after another writer
+    /// on it (`peers.state`) failed with `ENOSPC`: if it is, the store turns
+    /// unhealthy (503, readiness failing) until space is freed, as when its
+    /// own commit finds the volume full.
+    pub fn check_space(&self) {
+        let _ = self.requests.send(Request::CheckSpace);
     }
 
     /// The incarnation id of this data directory.
@@ -435,6 +452,13 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Why a commit did not happen.
+enum Failure {
+    /// No free block on the data volume (`statvfs`, or `ENOSPC`).
+    Full,
+    Io(std::io::Error),
+}
+
 struct Committer {
     /// Where `visits.state` is. The file is opened for each commit, not
     /// held open: an open-for-write file would keep the volume from being
@@ -472,6 +496,11 @@ impl Committer {
                     for request in std::iter::once(first).chain(queue.try_iter()) {
                         match request {
                             Request::Visit(waiter) => batch.push(waiter),
+                            Request::CheckSpace => {
+                                if self.full() {
+                                    self.failed(Failure::Full, false, Instant::now());
+                                }
+                            }
                             Request::Close(done) => {
                                 close = Some(done);
                                 break;
@@ -568,6 +597,9 @@ impl Committer {
                 self.shared.path.display()
             ));
         };
+        if self.full() {
+            return Err(self.failed(Failure::Full, sync, Instant::now()));
+        }
         let started = Instant::now();
         let stamp = self.shared.stamp(started);
         self.shared.commit_started.store(stamp, Ordering::Release);
@@ -584,8 +616,7 @@ impl Committer {
         self.metrics
             .commit_duration
             .observe(now.duration_since(started).as_secs_f64());
-        let mut unhealthy = self.shared.unhealthy.lock().expect("poisoned");
-        match result {
+        let error = match result {
             Ok(()) => {
                 self.metrics
                     .commit_batch
@@ -600,27 +631,65 @@ impl Committer {
                 } else {
                     self.policy.written(now);
                 }
-                if unhealthy.take().is_some() {
+                self.metrics.store_volume_full.set(0);
+                if self
+                    .shared
+                    .unhealthy
+                    .lock()
+                    .expect("poisoned")
+                    .take()
+                    .is_some()
+                {
                     tracing::info!(file = %self.shared.path.display(), "store writable again");
                 }
-                Ok(())
+                return Ok(());
             }
-            Err(error) => {
-                self.metrics.commit_failures.inc();
-                let retry = now + RETRY_EVERY;
-                self.retry_at = Some(retry);
-                if sync {
-                    // Still dirty: a failed sync is never taken for a clean one.
-                    self.policy.sync_failed(retry);
-                }
-                let reason = format!("cannot write {}: {error}", self.shared.path.display());
-                if unhealthy.as_deref() != Some(reason.as_str()) {
-                    tracing::error!(%reason, "store write failed; answering 503 until it succeeds");
-                }
-                *unhealthy = Some(reason.clone());
-                Err(reason)
+            Err(error) => error,
+        };
+        let failure = match error.kind() {
+            std::io::ErrorKind::StorageFull => Failure::Full,
+            _ => Failure::Io(error),
+        };
+        Err(self.failed(failure, sync, now))
+    }
+
+    /// Whether the data volume has no free block left. A volume whose
+    /// space cannot be read is not called full: the write that follows
+    /// reports what is wrong with it.
+    fn full(&self) -> bool {
+        self.disk.is_full(&self.shared.dir).unwrap_or(false)
+    }
+
+    /// Records a failed commit: unhealthy until a commit succeeds, retried
+    /// every second. Returns why, for the visits and `/readyz`.
+    fn failed(&mut self, failure: Failure, sync: bool, now: Instant) -> String {
+        self.metrics.commit_failures.inc();
+        let full = matches!(failure, Failure::Full);
+        let reason = match failure {
+            Failure::Full => format!(
+                "the volume holding {} is full: free space on it or grow the volume; \
+                 visits are counted again within a second of space being freed",
+                self.shared.dir.display()
+            ),
+            Failure::Io(error) => format!("cannot write {}: {error}", self.shared.path.display()),
+        };
+        self.metrics.store_volume_full.set(i64::from(full));
+        let retry = now + RETRY_EVERY;
+        self.retry_at = Some(retry);
+        if sync {
+            // Still dirty: a failed sync is never taken for a clean one.
+            self.policy.sync_failed(retry);
+        }
+        let mut unhealthy = self.shared.unhealthy.lock().expect("poisoned");
+        if unhealthy.as_deref() != Some(reason.as_str()) {
+            if full {
+                tracing::error!(%reason, "data volume full; answering 503 until space is freed");
+            } else {
+                tracing::error!(%reason, "store write failed; answering 503 until it succeeds");
             }
         }
+        *unhealthy = Some(reason.clone());
+        reason
     }
 }
 

@@ -203,6 +203,7 @@ struct Inner {
     fs: Mutex<(Fs, Vec<Op>)>,
     gate: Gate,
     fail_syncs: AtomicBool,
+    full: AtomicBool,
     syncs: AtomicUsize,
 }
 
@@ -216,6 +217,7 @@ impl ModelDisk {
             fs: Mutex::new((fs, Vec::new())),
             gate: Gate::default(),
             fail_syncs: AtomicBool::new(false),
+            full: AtomicBool::new(false),
             syncs: AtomicUsize::new(0),
         }))
     }
@@ -248,6 +250,11 @@ impl ModelDisk {
     /// Makes every `fdatasync` fail (EIO) while `fail`.
     pub(crate) fn fail_syncs(&self, fail: bool) {
         self.0.fail_syncs.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes the volume report itself full (no free block) while `full`.
+    pub(crate) fn fill(&self, full: bool) {
+        self.0.full.store(full, Ordering::SeqCst);
     }
 
     fn run<T>(&self, op: Op, answer: impl FnOnce(&Fs) -> T) -> T {
@@ -300,6 +307,10 @@ impl Disk for ModelDisk {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.run(Op::SyncDir(dir.to_path_buf()), |_| ());
         Ok(())
+    }
+
+    fn is_full(&self, _dir: &Path) -> io::Result<bool> {
+        Ok(self.0.full.load(Ordering::SeqCst))
     }
 }
 

@@ -403,3 +403,57 @@ async fn a_hung_disk_fails_readiness_and_timed_out_visits_never_count() {
     assert_eq!(metrics.store_healthy.get(), 1);
     assert_eq!(metrics.store_queue_depth.get(), 0);
 }
+
+/// A full volume (design.md §6): visits are refused with the cause and the
+/// remedy, readiness fails, the gauge says why, acknowledged visits stay;
+/// once space is freed the store counts again on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_volume_refuses_visits_until_space_is_freed() {
+    let disk = ModelDisk::new(Fs::default());
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open_on(
+        Arc::new(disk.clone()),
+        Path::new(DIR),
+        "tally-0",
+        options(Durability::GroupCommit),
+        metrics.clone(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(store.visit().await.unwrap(), 1);
+    disk.fill(true);
+    let refused = store.visit().await.unwrap_err().to_string();
+    assert!(
+        refused.contains("is full") && refused.contains("free space"),
+        "{refused}"
+    );
+    assert!(store.health().unwrap_err().contains("is full"));
+    assert_eq!(metrics.store_volume_full.get(), 1);
+    assert_eq!(store.count(), 1);
+    // The retry (every second) finds it still full.
+    let failures = metrics.commit_failures.get();
+    wait_for(|| metrics.commit_failures.get() > failures).await;
+    assert!(store.health().is_err());
+    disk.fill(false);
+    wait_for(|| store.health().is_ok()).await;
+    assert_eq!(metrics.store_volume_full.get(), 0);
+    assert_eq!(store.visit().await.unwrap(), 2);
+    store.close().await;
+    let found = load(&disk, &Path::new(DIR).join(STATE_FILE)).unwrap();
+    assert_eq!(found.unwrap().state().count, 2);
+}
+
+/// Another writer's `ENOSPC` (`peers.state`) makes the store look: a full
+/// volume stops the counting before a visit finds out.
+#[tokio::test]
+async fn check_space_after_another_writer_ran_out_marks_a_full_volume() {
+    let disk = ModelDisk::new(Fs::default());
+    let store = open_model(&disk, options(Durability::GroupCommit));
+    store.check_space();
+    store.visit().await.unwrap();
+    assert!(store.health().is_ok(), "space left: nothing to report");
+    disk.fill(true);
+    store.check_space();
+    wait_for(|| store.health().is_err()).await;
+    assert!(store.health().unwrap_err().contains("is full"));
+}
