@@ -156,6 +156,11 @@ what to do about it.
 {{- if and (gt (int .Values.config.peer_timeout_ms) 0) (lt (int .Values.config.fanout_deadline_ms) (int .Values.config.peer_timeout_ms)) }}
 {{- $messages = append $messages (printf "config.fanout_deadline_ms (%d) is shorter than config.peer_timeout_ms (%d), so no peer could ever answer in time: make fanout_deadline_ms at least peer_timeout_ms" (int .Values.config.fanout_deadline_ms) (int .Values.config.peer_timeout_ms)) }}
 {{- end }}
+{{- $commit := int (.Values.config.commit_timeout_ms | default 2000) }}
+{{- $request := int (.Values.config.request_timeout_ms | default 10000) }}
+{{- if ge $commit $request }}
+{{- $messages = append $messages (printf "config.commit_timeout_ms (%d) must be below config.request_timeout_ms (%d), or a visit can time out as 408 and still be committed afterwards: lower commit_timeout_ms or raise request_timeout_ms" $commit $request) }}
+{{- end }}
 {{- if and .Values.service.nodePort (eq .Values.service.type "ClusterIP") }}
 {{- $messages = append $messages (printf "service.nodePort (%v) is set but service.type is ClusterIP: set service.type to NodePort or LoadBalancer, or remove service.nodePort" .Values.service.nodePort) }}
 {{- end }}
