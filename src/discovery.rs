@@ -52,6 +52,9 @@ pub struct Members {
     pub peers: Vec<Peer>,
     /// Why the list is empty or stale, naming the name looked up.
     pub error: Option<String>,
+    /// The lookup failed (a timeout, SERVFAIL): `peers` are the last known
+    /// members, if any. NXDOMAIN is an answer ("no members"), not a failure.
+    pub failed: bool,
 }
 
 /// The resolver's settings, for `tally peers` to show.
@@ -142,6 +145,7 @@ impl Discovery {
         let name = self.member.srv_name();
         let result = self.lookup(&name).await;
         let mut last = self.last.lock().expect("poisoned");
+        let failed = matches!(result, Err(Failure::Transient(_)));
         let error = match result {
             Ok(peers) => {
                 last.0 = peers;
@@ -168,6 +172,7 @@ impl Discovery {
         Members {
             peers: last.0.clone(),
             error,
+            failed,
         }
     }
 

@@ -161,6 +161,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         peer_token: token,
         peer_gate: PeerGate::default(),
         stopping: AtomicBool::new(false),
+        joining: AtomicBool::new(true),
         page: http::page::Template::new(&identity.pod),
     });
     let limits = server::Limits {
@@ -177,8 +178,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         },
     ));
     // Before the first visit is served: siblings whose DNS answer is still
-    // cached without this pod count it from now on (design.md §5).
-    cluster.announce(peer_addr).await;
+    // cached without this pod count it from now on (design.md §5); until
+    // one took it, no visit is served (nobody would count it). A shutdown
+    // signal meanwhile stops the pod without ever serving clients.
+    let mut signal = std::pin::pin!(shutdown::signal_received());
+    let early = tokio::select! {
+        () = cluster.join(peer_addr) => None,
+        signal = &mut signal => Some(signal),
+    };
+    app.joining.store(false, Ordering::Relaxed);
     let background = cluster.spawn_background(config.refresh_interval);
     tracing::info!(
         %addr,
@@ -191,21 +199,26 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         "listening"
     );
     let (stop_clients, clients_stopped) = oneshot::channel::<()>();
-    let clients = tokio::spawn(server::serve(
-        listener,
-        http::router(app.clone(), config.request_timeout),
-        limits,
-        async {
-            let _ = clients_stopped.await;
-        },
-    ));
+    let clients = early.is_none().then(|| {
+        tokio::spawn(server::serve(
+            listener,
+            http::router(app.clone(), config.request_timeout),
+            limits,
+            async {
+                let _ = clients_stopped.await;
+            },
+        ))
+    });
 
-    let signal = shutdown::signal_received().await;
+    let signal = match early {
+        Some(signal) => signal,
+        None => signal.await,
+    };
     // 1. Fail readiness and keep serving for the delay (SIGTERM only:
     //    Kubernetes needs a moment to take the pod out of the Service;
     //    Ctrl-C does not).
     app.stopping.store(true, Ordering::Relaxed);
-    if signal == "SIGTERM" && !config.shutdown_delay.is_zero() {
+    if signal == "SIGTERM" && clients.is_some() && !config.shutdown_delay.is_zero() {
         tracing::info!(
             signal,
             delay_ms = config.shutdown_delay.as_millis() as u64,
@@ -218,7 +231,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // 2. Drain the clients and freeze the count: queued visits commit,
     //    later ones get 503.
     let _ = stop_clients.send(());
-    let clients_drained = clients.await.unwrap_or(false);
+    let clients_drained = match clients {
+        Some(clients) => clients.await.unwrap_or(false),
+        None => true,
+    };
     store.close().await;
     // 3. Hand the final state to the siblings, while this pod's own peer
     //    port still takes theirs.

@@ -43,6 +43,9 @@ pub struct App {
     pub peer_gate: peer::PeerGate,
     /// Set on SIGTERM: readiness fails so the pod leaves the Service.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// Set at start until a sibling took this pod's announce: it serves no
+    /// visit yet, and readiness says why.
+    pub joining: std::sync::atomic::AtomicBool,
     /// The page's fixed parts, rendered once.
     pub page: page::Template,
 }
@@ -227,6 +230,13 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shutting down\n",
+        )
+            .into_response();
+    }
+    if app.joining.load(std::sync::atomic::Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no sibling has taken this pod's announce yet (DNS failing, or its addresses stale); visits wait until one does, see the log\n",
         )
             .into_response();
     }

@@ -290,16 +290,38 @@ impl Cluster {
     /// At start, before any visit is served: tells the siblings DNS lists
     /// that this pod is a member answering at `addr` (its bound peer
     /// address), so they count it at once even while DNS still serves a
-    /// cached answer without it. Bounded by the deadline.
-    pub async fn announce(&self, addr: SocketAddr) {
+    /// cached answer without it. Returns once a sibling took it, DNS lists
+    /// this pod, or there is none to tell (DNS answered with no other
+    /// member). Until then
+    /// nobody would count this pod's visits (DNS failing at its start, or
+    /// every address DNS gave stale) and complete totals elsewhere would
+    /// miss them, so the caller serves none: it announces again every
+    /// [`ANNOUNCE_RETRY`] (each try bounded by the deadline). Once one
+    /// sibling has it, the news travels ([`announced`]).
+    pub async fn join(&self, addr: SocketAddr) {
         let _ = self.inner.addr.set(addr);
-        let told = self
-            .tell_siblings("announce", |sibling| PeerState {
-                announce: Some(reachable_at(addr, sibling)),
-                ..self.peer_state()
-            })
-            .await;
-        tracing::info!(%addr, siblings = told, "announced to the siblings");
+        loop {
+            let told = self
+                .tell_siblings("announce", |sibling| PeerState {
+                    announce: Some(reachable_at(addr, sibling)),
+                    ..self.peer_state()
+                })
+                .await;
+            // DNS listing this pod is as good: siblings see it within their
+            // resolver's cache time, and fail (incomplete) if they cannot
+            // reach it. So is an answer with nobody else in it.
+            if told.took > 0 || told.listed || (told.siblings == 0 && !told.dns_failed) {
+                tracing::info!(%addr, siblings = told.took, "announced to the siblings");
+                return;
+            }
+            tracing::warn!(
+                %addr,
+                siblings = told.siblings,
+                dns_failed = told.dns_failed,
+                "no sibling took the announce: serving no visit until one does (nobody would count them)"
+            );
+            tokio::time::sleep(ANNOUNCE_RETRY).await;
+        }
     }
 
     /// `tally forget`: retires a counter cluster-wide. The tombstone is
@@ -333,7 +355,7 @@ impl Cluster {
         self.inner.changed(false);
         let state = self.peer_state();
         let told = self.tell_siblings("retirement", |_| state.clone()).await;
-        tracing::info!(counter = %key, siblings = told, "retirement handed to the siblings");
+        tracing::info!(counter = %key, siblings = told.took, "retirement handed to the siblings");
         Ok(retired)
     }
 
@@ -345,38 +367,47 @@ impl Cluster {
         let handed = self.tell_siblings("hand-over", |_| state.clone()).await;
         tracing::info!(
             count = self.inner.store.count(),
-            siblings = handed,
+            siblings = handed.took,
             "final count handed over"
         );
     }
 
-    /// `PUT`s a state to every sibling DNS lists (never to itself), within
-    /// the deadline; how many took it.
-    async fn tell_siblings(&self, what: &str, state: impl Fn(SocketAddr) -> PeerState) -> usize {
+    /// `PUT`s a state to every sibling DNS lists or news named (never to
+    /// itself), within the deadline.
+    async fn tell_siblings(&self, what: &str, state: impl Fn(SocketAddr) -> PeerState) -> Told {
         let Some(discovery) = &self.inner.discovery else {
-            return 0;
+            return Told::default();
         };
         let deadline = self.inner.limits.deadline;
         let started = Instant::now();
         let Ok(members) = tokio::time::timeout(deadline, discovery.members()).await else {
             tracing::warn!(what, "no DNS answer in time to tell the siblings");
-            return 0;
+            return Told {
+                dns_failed: true,
+                ..Told::default()
+            };
         };
-        let pushes =
-            self.inner
-                .siblings(&members.peers, started + deadline)
-                .map(|(peer, limit)| {
-                    let body = serde_json::to_vec(&state(peer.addr)).expect("serialises");
-                    let push = self.inner.client.push(peer.addr, body.into(), limit);
-                    async move { (peer, push.await) }
-                });
+        let peers = self.inner.with_news(&members.peers);
+        let pushes = self
+            .inner
+            .siblings(&peers, started + deadline)
+            .map(|(peer, limit)| {
+                let body = serde_json::to_vec(&state(peer.addr)).expect("serialises");
+                let push = self.inner.client.push(peer.addr, body.into(), limit);
+                async move { (peer, push.await) }
+            });
         let results = futures::future::join_all(pushes).await;
         for (peer, result) in &results {
             if let Err(error) = result {
                 tracing::warn!(what, peer = %peer.pod, %error, "could not tell a sibling");
             }
         }
-        results.iter().filter(|(_, r)| r.is_ok()).count()
+        Told {
+            took: results.iter().filter(|(_, r)| r.is_ok()).count(),
+            siblings: results.len(),
+            dns_failed: members.failed,
+            listed: !members.failed && members.peers.iter().any(|p| self.inner.is_me(p)),
+        }
     }
 
     async fn persist_forever(self) {
@@ -472,6 +503,7 @@ impl Inner {
                     discovery.member().srv_name(),
                     self.limits.deadline.as_millis()
                 )),
+                failed: true,
             },
         };
         // DNS's answer, plus the siblings that announced themselves since;
@@ -691,6 +723,10 @@ impl Inner {
     }
 }
 
+/// How often a starting pod announces itself again while no sibling took
+/// it.
+pub const ANNOUNCE_RETRY: Duration = Duration::from_secs(1);
+
 /// Rounds of fetching members learned from siblings' news, after the
 /// first: each can only add what the previous one heard.
 const MAX_NEWS_PHASES: usize = 3;
@@ -763,6 +799,20 @@ pub async fn what_siblings_know(
             (known.count > me.count).then(|| (known.count, state.pod.clone()))
         })
         .max()
+}
+
+/// How telling the siblings went.
+#[derive(Debug, Default, Clone, Copy)]
+struct Told {
+    /// Siblings that took the state.
+    took: usize,
+    /// Siblings it was sent to.
+    siblings: usize,
+    /// DNS failed (no answer in time, or an error beside the last known
+    /// members).
+    dns_failed: bool,
+    /// DNS answered and lists this pod.
+    listed: bool,
 }
 
 /// Background tasks of a [`Cluster`]; aborted on drop.

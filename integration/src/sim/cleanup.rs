@@ -18,18 +18,35 @@ use nix::unistd::Pid;
 
 use super::net;
 
-/// The network namespaces of cluster `name` that exist now.
+/// The network namespaces of cluster `name` that exist now; never those of
+/// another cluster whose name starts with `name-` (cluster `a`'s prefix
+/// `tsim-a-` also matches cluster `a-b`'s `tsim-a-b-cluster`).
 pub fn namespaces(name: &str) -> Vec<String> {
     let prefix = net::prefix(name);
-    let mut out: Vec<String> = fs::read_dir("/run/netns")
+    let all: Vec<String> = fs::read_dir("/run/netns")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    let mut out: Vec<String> = all
+        .iter()
+        .filter(|n| n.starts_with(&prefix) && !of_longer_cluster(name, n, &all))
+        .cloned()
         .collect();
     out.sort();
     out
+}
+
+/// Whether namespace `ns` (which starts with `name`'s prefix) belongs to a
+/// cluster named `name-…`: one whose cluster namespace is in `all` or whose
+/// state directory exists.
+fn of_longer_cluster(name: &str, ns: &str, all: &[String]) -> bool {
+    let rest = &ns[net::prefix(name).len()..];
+    rest.match_indices('-').any(|(i, _)| {
+        let other = format!("{name}-{}", &rest[..i]);
+        all.contains(&net::cluster_ns(&other)) || super::control::state_dir(&other).exists()
+    })
 }
 
 /// Inode numbers of the given network namespaces.
@@ -164,4 +181,34 @@ pub fn leftovers(name: &str, state_dir: &Path, pids: &[u32], inodes: &HashSet<u6
         out.push(format!("state directory {sd}"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cleaning up cluster `t9x` once deleted the namespaces (and killed
+    /// the daemon) of a running cluster `t9x-long`.
+    #[test]
+    fn a_cluster_never_claims_the_namespaces_of_a_longer_named_one() {
+        let all: Vec<String> = [
+            "tsim-t9x-cluster",
+            "tsim-t9x-tally-0",
+            "tsim-t9x-long-cluster",
+            "tsim-t9x-long-client",
+            "tsim-t9x-long-tally-0",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mine: Vec<&String> = all
+            .iter()
+            .filter(|n| !of_longer_cluster("t9x", n, &all))
+            .collect();
+        assert_eq!(mine, ["tsim-t9x-cluster", "tsim-t9x-tally-0"]);
+        assert!(!of_longer_cluster(
+            "t9x-long",
+            "tsim-t9x-long-tally-0",
+            &all
+        ));
+    }
 }
