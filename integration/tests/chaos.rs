@@ -47,7 +47,7 @@ fn prerequisites() {
     require_root().unwrap_or_else(|e| panic!("{e:#}"));
     let status = Command::new("bash")
         .arg("-c")
-        .arg("source scripts/lib.sh && need_helm && need_apt iproute2:ip")
+        .arg("source scripts/lib.sh && need_helm && need_apt iproute2:ip nftables:nft")
         .current_dir(workspace_root())
         .status()
         .expect("running bash");

@@ -7,6 +7,7 @@
 //! -p tally`, or `TALLY_BIN`). Run: `cargo test -p tally-integration --test e2e`.
 
 use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,15 +15,22 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::networking::v1::{NetworkPolicyPort, NetworkPolicySpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 use tally_integration::harness::{tally_bin, workspace_root};
+use tally_integration::sim::hook::render_report;
 use tally_integration::sim::manifest::{Manifests, helm_template};
-use tally_integration::sim::{Cluster, ClusterOptions, cleanup, require_root};
+use tally_integration::sim::nemesis::Fault;
+use tally_integration::sim::{
+    Cluster, ClusterOptions, Request, TestReport, cleanup, net, require_root,
+};
 
 #[path = "e2e/operator.rs"]
 mod operator;
 
 const PORT: u16 = 8080;
+const PEER_PORT: u16 = 8081;
 
 /// Root, helm, nslookup and the tally binary, checked (and installed) once.
 fn prerequisites() -> PathBuf {
@@ -32,7 +40,7 @@ fn prerequisites() -> PathBuf {
             require_root().unwrap_or_else(|e| panic!("{e:#}"));
             let status = Command::new("bash")
                 .arg("-c")
-                .arg("source scripts/lib.sh && need_helm && need_apt dnsutils:nslookup iproute2:ip")
+                .arg("source scripts/lib.sh && need_helm && need_apt dnsutils:nslookup iproute2:ip nftables:nft")
                 .current_dir(workspace_root())
                 .status()
                 .expect("running bash");
@@ -366,10 +374,187 @@ fn ip_of(c: &Cluster, pod: &str) -> String {
         .to_string()
 }
 
+/// Where `pod` listens (`port`), as a socket address.
+fn addr_of(c: &Cluster, pod: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip_of(c, pod).parse().unwrap(), port)
+}
+
+/// Deletes `pod` and waits until its replacement (a new address) and every
+/// other pod are Ready.
+fn replace_pod(c: &Cluster, pod: &str) {
+    let old_ip = ip_of(c, pod);
+    c.delete_pod(pod).unwrap();
+    c.wait_until(
+        &format!("{pod} to be replaced"),
+        Duration::from_secs(30),
+        |s| {
+            s.pods
+                .iter()
+                .any(|p| p.name == pod && p.ip.to_string() != old_ip)
+        },
+    )
+    .unwrap();
+    c.wait_ready(Duration::from_secs(60)).unwrap();
+}
+
+/// Runs the chart's `helm test` pod and prints its report.
+fn helm_test(c: &Cluster) -> TestReport {
+    let report = c
+        .helm_test(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    println!("$ scripts/cluster test\n{}", render_report(&report));
+    report
+}
+
+/// Waits until `check` holds on tally-0's `/visits/total`.
+fn wait_view(c: &Cluster, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = total_of(c, "tally-0");
+        if check(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tally-0 never showed {what}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The release's NetworkPolicy, rendered, with `edit` applied, as an upgrade.
+fn apply_policy(c: &Cluster, edit: impl Fn(&mut NetworkPolicySpec)) {
+    let mut m = Manifests::parse(&render(HOOK_WAIT)).unwrap();
+    edit(m.network_policies[0].spec.as_mut().expect("a policy spec"));
+    let msg = c.apply(&m.to_yaml().unwrap()).unwrap();
+    assert!(msg.contains("(unchanged)"), "the pods must not roll: {msg}");
+}
+
+fn is_port(p: &NetworkPolicyPort, n: i32) -> bool {
+    p.port == Some(IntOrString::Int(n))
+}
+
+/// `helm test` passes on the healthy cluster and fails when a member does
+/// not answer; the chart's NetworkPolicy lets the release's pods reach each
+/// other's peer port and DNS, and nothing else reach the peer port; a
+/// policy without the peer rule or DNS breaks the cluster.
+fn helm_test_and_network_policy(c: &Cluster) {
+    let report = helm_test(c);
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(report.runs[0].name, "tally-test");
+
+    // From outside the release (the client namespace, and the test pod,
+    // whose component label keeps it out of the peer rule): the client
+    // port answers, the peer port does not; between pods it does.
+    let test_ns = format!("tsim-{}-tally-test", c.name);
+    for (from, ns) in [
+        ("the client namespace", c.status().unwrap().client_netns),
+        ("the test pod", test_ns),
+    ] {
+        let client = net::http_get_in(
+            &ns,
+            addr_of(c, "tally-0", PORT),
+            "/healthz",
+            Duration::from_secs(2),
+        );
+        assert!(
+            client.is_ok_and(|r| r.status == 200),
+            "{from} cannot reach the client port"
+        );
+        let peer = net::http_get_in(
+            &ns,
+            addr_of(c, "tally-0", PEER_PORT),
+            "/peer/state",
+            Duration::from_secs(2),
+        );
+        let peer = peer.map(|r| r.status).map_err(|e| format!("{e:#}"));
+        println!("from {from} to tally-0:{PEER_PORT}: {peer:?}");
+        assert!(peer.is_err(), "{from} reached the peer port: {peer:?}");
+    }
+    let inside = net::http_get_in(
+        &format!("tsim-{}-tally-1", c.name),
+        addr_of(c, "tally-0", PEER_PORT),
+        "/peer/state",
+        Duration::from_secs(2),
+    );
+    println!(
+        "from tally-1 to tally-0:{PEER_PORT}: HTTP {:?}",
+        inside.as_ref().map(|r| r.status)
+    );
+    assert!(
+        inside.is_ok(),
+        "a sibling cannot reach the peer port: {inside:?}"
+    );
+
+    // A member that does not answer fails the test.
+    c.request(&Request::Fault {
+        fault: Fault::Isolate {
+            pod: "tally-2".into(),
+        },
+    })
+    .unwrap();
+    let report = helm_test(c);
+    c.request(&Request::Heal).unwrap();
+    assert_eq!(report.runs[0].phase, "Failed", "{report:?}");
+    let log = std::fs::read_to_string(&report.runs[0].log).unwrap();
+    println!("POD LOGS: tally-test\n{log}");
+    assert!(log.contains("not complete"), "{log}");
+    wait_total(c, "tally-0", 300);
+
+    // Enforcement shows: a policy without the peer ingress rule makes the
+    // totals incomplete (and the test fail); one without DNS egress breaks
+    // lookups in the pods. Policies are stateful, so connections opened
+    // before a change stay up (as with a CNI's conntrack): tally-2 is
+    // replaced to make its peers connect afresh.
+    apply_policy(c, |spec| {
+        spec.ingress.as_mut().unwrap().retain(|r| {
+            !r.ports
+                .iter()
+                .flatten()
+                .any(|p| is_port(p, PEER_PORT.into()))
+        })
+    });
+    replace_pod(c, "tally-2");
+    let v = wait_view(c, "an incomplete total without the peer rule", |v| {
+        v["complete"] == false
+    });
+    println!("without the peer ingress rule, tally-0: {v}");
+    assert_eq!(helm_test(c).runs[0].phase, "Failed");
+    apply_policy(c, |spec| {
+        spec.egress
+            .as_mut()
+            .unwrap()
+            .retain(|r| !r.ports.iter().flatten().any(|p| is_port(p, 53)))
+    });
+    wait_total(c, "tally-0", 300);
+    let out = c
+        .exec("tally-0", &["nslookup", "tally-1.tally-headless"])
+        .unwrap();
+    println!(
+        "without DNS egress: nslookup: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "DNS answered through a policy without DNS egress"
+    );
+    apply_policy(c, |_| {});
+    let out = c
+        .exec("tally-0", &["nslookup", "tally-1.tally-headless"])
+        .unwrap();
+    assert!(out.status.success(), "DNS is back with the chart's policy");
+    wait_total(c, "tally-0", 300);
+}
+
+/// The `helm test` pod's retry window (tests.waitSeconds): short, so a
+/// failing run fails fast.
+const HOOK_WAIT: &[&str] = &["tests.waitSeconds=3"];
+
 #[test]
 fn three_replicas_visits_dns_peers_delete_and_liveness() {
     let t0 = Instant::now();
-    let mut c = up("e2e-main", &[]);
+    let mut c = up("e2e-main", HOOK_WAIT);
     // `get`: 3/3 Ready, three claims, both Services.
     let table = c.get().unwrap();
     println!("{table}");
@@ -454,19 +639,13 @@ fn three_replicas_visits_dns_peers_delete_and_liveness() {
         );
     }
 
+    helm_test_and_network_policy(&c);
+
     // Delete pod 0: it comes back with its count; the total never drops.
     let before = counts["tally-0"];
     let sampler = Sampler::start(&c);
     sampler.wait_for(5);
-    let old_ip = ip_of(&c, "tally-0");
-    c.delete_pod("tally-0").unwrap();
-    c.wait_until("tally-0 to be replaced", Duration::from_secs(30), |s| {
-        s.pods
-            .iter()
-            .any(|p| p.name == "tally-0" && p.ip.to_string() != old_ip)
-    })
-    .unwrap();
-    c.wait_ready(Duration::from_secs(60)).unwrap();
+    replace_pod(&c, "tally-0");
     sampler.wait_for(5);
     let samples = sampler.finish("while tally-0 was deleted");
     assert!(samples.iter().all(|s| s.1 >= 300), "{samples:?}");

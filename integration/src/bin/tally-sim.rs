@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tally_integration::sim::control::{self, Request, Response};
 use tally_integration::sim::daemon::{self, DaemonConfig};
 use tally_integration::sim::manifest::helm_template;
-use tally_integration::sim::{Cluster, ClusterOptions, image, nemesis, net, pod};
+use tally_integration::sim::{Cluster, ClusterOptions, hook, image, nemesis, net, pod};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -144,6 +144,16 @@ enum Cmd {
     },
     /// Remove every fault `nemesis` put in place.
     Heal,
+    /// Run the chart's `helm.sh/hook: test` pods and report like `helm test`;
+    /// exits 1 when one fails (its log is printed).
+    Test {
+        /// How long to wait for the test pods, seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Print the test pods' logs also when they pass.
+        #[arg(long)]
+        logs: bool,
+    },
     /// Tear everything down (also after a crashed daemon).
     Down,
     /// (internal) The daemon that owns a cluster.
@@ -509,6 +519,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let fault = nemesis::Fault::parse(&kind, &pods, percent)?;
             println!("{}", text(attach()?.request(&Request::Fault { fault })?));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Test { timeout, logs } => {
+            let report = attach()?.helm_test(Duration::from_secs(timeout))?;
+            print!("{}", hook::render_report(&report));
+            let passed = report.passed();
+            for run in &report.runs {
+                if logs || run.phase != "Succeeded" {
+                    let log = std::fs::read_to_string(&run.log)
+                        .with_context(|| format!("reading {}", run.log.display()))?;
+                    println!("\nPOD LOGS: {}\n{}", run.name, log.trim_end());
+                }
+            }
+            if !passed {
+                let failed: Vec<String> = report
+                    .runs
+                    .iter()
+                    .filter(|r| r.phase != "Succeeded")
+                    .map(|r| {
+                        format!(
+                            "\t* pod {} failed ({})",
+                            r.name,
+                            r.exit.as_deref().unwrap_or("?")
+                        )
+                    })
+                    .collect();
+                eprintln!(
+                    "Error: {} error(s) occurred:\n{}",
+                    failed.len(),
+                    failed.join("\n")
+                );
+                return Ok(ExitCode::FAILURE);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Heal => {

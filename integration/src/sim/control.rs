@@ -71,6 +71,10 @@ pub enum Request {
     },
     /// Remove every fault.
     Heal,
+    /// `helm test`: start the test hook pods.
+    RunTests,
+    /// The report of the last test run.
+    Tests,
     /// Tear everything down and exit.
     Down,
 }
@@ -213,6 +217,8 @@ pub enum Response {
     PodInfo(PodInfo),
     /// Events.
     Events(Vec<Event>),
+    /// The `helm test` report.
+    Tests(super::hook::TestReport),
 }
 
 /// Sends one request to the daemon of the cluster in `dir`.

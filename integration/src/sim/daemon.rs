@@ -21,10 +21,13 @@ use super::control::{
 };
 use super::dns::{self, SharedZone, Zone};
 use super::endpoints::{PodRec, ServiceRec};
+use super::hook::{HookPod, unix_now};
 use super::image::Image;
 use super::kubelet::{ProbeResult, SimPod, send};
 use super::manifest::Manifests;
+use super::nemesis::nft_apply;
 use super::net;
+use super::netpol::{self, Member, Policy, namespace_labels, rules_for};
 use super::proxy::{ServiceProxy, proxy_listener};
 use super::statefulset::{StsState, services_of, sts_state};
 use super::status::render_table;
@@ -74,6 +77,25 @@ pub(super) struct Sim {
     pub(super) dns_servfail: bool,
     /// Filler files of `volume-full` faults (deleted at heal).
     pub(super) fillers: Vec<PathBuf>,
+    /// The rendering's NetworkPolicies, checked.
+    pub(super) policies: Vec<Policy>,
+    /// The nftables script last applied per network namespace.
+    pub(super) netpol_applied: BTreeMap<String, String>,
+    /// `helm test` pods by name (the last run of each).
+    pub(super) hooks: BTreeMap<String, HookPod>,
+    /// When the release was installed or last upgraded (Unix seconds).
+    pub(super) deployed_s: u64,
+    /// 1 at install, +1 per upgrade.
+    pub(super) revision: u32,
+}
+
+/// Checks every NetworkPolicy of a rendering.
+pub(super) fn compile_policies(m: &Manifests) -> Result<Vec<Policy>> {
+    let ns = m.namespace();
+    m.network_policies
+        .iter()
+        .map(|p| Policy::compile(p, &ns).map_err(anyhow::Error::from))
+        .collect()
 }
 
 impl Sim {
@@ -115,6 +137,74 @@ impl Sim {
         self.proxy.route(&self.services, &pods);
     }
 
+    /// Every pod (name, network namespace, as NetworkPolicies see it).
+    fn policy_pods(&self) -> Vec<(String, String, Member)> {
+        let ns = &self.sts.namespace;
+        let member =
+            |labels: &BTreeMap<String, String>, ip, ports: &[(Option<String>, u16)]| Member {
+                namespace: ns.clone(),
+                namespace_labels: namespace_labels(ns),
+                labels: labels.clone(),
+                ip,
+                ports: ports.to_vec(),
+            };
+        self.pods
+            .values()
+            .map(|p| {
+                let m = member(&p.plan.labels, p.ip, &p.plan.container_ports);
+                (p.name.clone(), p.netns.clone(), m)
+            })
+            .chain(self.hooks.iter().map(|(name, h)| {
+                (
+                    name.clone(),
+                    h.netns.clone(),
+                    member(&h.labels, h.ip, &h.ports),
+                )
+            }))
+            .collect()
+    }
+
+    /// Makes every pod's nftables rules what the NetworkPolicies say, as a
+    /// CNI plugin does when pods come and go; only changed scripts are
+    /// applied. A failure is an event and is retried on the next pass.
+    pub(super) fn enforce_policies(&mut self) {
+        let pods = self.policy_pods();
+        let mut members: Vec<Member> = pods.iter().map(|(_, _, m)| m.clone()).collect();
+        // The cluster DNS server, labelled as kubeadm's CoreDNS pods are.
+        members.push(Member {
+            namespace: "kube-system".into(),
+            namespace_labels: namespace_labels("kube-system"),
+            labels: BTreeMap::from([("k8s-app".to_string(), "kube-dns".to_string())]),
+            ip: net::DNS_IP,
+            ports: vec![(Some("dns".into()), 53), (Some("dns-tcp".into()), 53)],
+        });
+        self.netpol_applied
+            .retain(|netns, _| pods.iter().any(|(_, n, _)| n == netns));
+        for (name, netns, me) in pods {
+            let script = match rules_for(&self.policies, &me, &members) {
+                Some(rules) => netpol::nft_script(&rules, net::GATEWAY),
+                // No policy selects it (any more): no table.
+                None => format!(
+                    "table inet {0} {{}}\ndelete table inet {0}\n",
+                    netpol::TABLE
+                ),
+            };
+            if self.netpol_applied.get(&netns) == Some(&script) {
+                continue;
+            }
+            match nft_apply(&netns, &script) {
+                Ok(()) => {
+                    self.netpol_applied.insert(netns, script);
+                }
+                Err(e) => self.event(
+                    &format!("pod/{name}"),
+                    "FailedNetworkPolicy",
+                    format!("{e:#}"),
+                ),
+            }
+        }
+    }
+
     pub(super) fn reconcile(&mut self, results: Vec<ProbeResult>) {
         for r in results {
             self.on_probe(r);
@@ -123,6 +213,8 @@ impl Sim {
         self.statefulset();
         self.run_probes();
         self.publish();
+        self.watch_tests();
+        self.enforce_policies();
     }
 
     pub(super) fn status(&self) -> ClusterStatus {
@@ -267,6 +359,11 @@ impl Sim {
                 Err(e) => Response::Error(format!("{e:#}")),
             },
             Request::Heal => Response::Ok(self.heal()),
+            Request::RunTests => match self.run_tests() {
+                Ok(msg) => Response::Ok(msg),
+                Err(e) => Response::Error(format!("{e:#}")),
+            },
+            Request::Tests => Response::Tests(self.test_report()),
             Request::Down => Response::Ok("down".into()),
         }
     }
@@ -279,6 +376,7 @@ fn teardown(sim: &Mutex<Sim>, grace: Duration) {
         Ok(s) => s,
         Err(p) => p.into_inner(),
     };
+    s.kill_tests();
     for p in s.pods.values_mut() {
         if let Some(c) = &p.container {
             send(c.pid, Signal::SIGTERM);
@@ -319,6 +417,7 @@ fn teardown(sim: &Mutex<Sim>, grace: Duration) {
 pub fn run_daemon(cfg: DaemonConfig, yaml: &str) -> Result<()> {
     let manifests = Manifests::parse(yaml)?;
     let sts = sts_state(&manifests)?;
+    let policies = compile_policies(&manifests)?;
     let mut next_service_ip = 11u8;
     let services = services_of(&manifests, &[], &mut next_service_ip)?;
     fs::create_dir_all(&cfg.state_dir)?;
@@ -358,6 +457,11 @@ pub fn run_daemon(cfg: DaemonConfig, yaml: &str) -> Result<()> {
         paused: Vec::new(),
         dns_servfail: false,
         fillers: Vec::new(),
+        policies,
+        netpol_applied: BTreeMap::new(),
+        hooks: BTreeMap::new(),
+        deployed_s: unix_now(),
+        revision: 1,
     };
     let sim = Arc::new(Mutex::new(sim));
     let result = rt.block_on(daemon_main(sim.clone(), probe_rx));

@@ -2,6 +2,7 @@
 //! startup, liveness and readiness probes, restarts it with back-off, kills it
 //! with SIGTERM then SIGKILL after the grace period, and finishes deletions.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -16,7 +17,9 @@ use tokio::net::TcpStream;
 
 use super::daemon::Sim;
 use super::net;
-use super::pod::{PodPlan, ProbeAction, ProbeSpec};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+
+use super::pod::{self, LaunchSpec, PodFacts, PodPlan, ProbeAction, ProbeSpec};
 
 #[derive(Debug, Default)]
 pub(super) struct ProbeState {
@@ -90,20 +93,63 @@ pub(super) fn send(pid: u32, sig: Signal) {
 }
 
 impl Sim {
-    pub(super) fn start_container(&mut self, ordinal: u32) -> Result<()> {
-        let self_exe = self.cfg.self_exe.clone();
-        let state_dir = self.cfg.state_dir.clone();
-        let Some(p) = self.pods.get_mut(&ordinal) else {
-            return Ok(());
-        };
-        let pod_dir = state_dir.join("pods").join(&p.name);
-        let spec_path = pod_dir.join("launch.json");
-        fs::write(&spec_path, serde_json::to_vec_pretty(&p.plan.launch)?)?;
-        let log_dir = state_dir.join("logs").join(&p.name);
+    /// A pod's sandbox, as the kubelet and the CNI plugin make it: an
+    /// address, a network namespace joined to the bridge, and the kubelet's
+    /// reading of the pod spec (its files written to the pod's directory).
+    pub(super) fn sandbox(
+        &mut self,
+        name: &str,
+        template: &PodTemplateSpec,
+        subdomain: &str,
+        claims: BTreeMap<String, PathBuf>,
+    ) -> Result<(Ipv4Addr, String, PodPlan)> {
+        let ip = self.alloc_ip();
+        let netns = net::pod_ns(&self.cfg.name, name);
+        let pod_dir = self.cfg.state_dir.join("pods").join(name);
+        let _ = fs::remove_dir_all(&pod_dir);
+        fs::create_dir_all(&pod_dir)?;
+        let plan = pod::plan(&PodFacts {
+            manifests: &self.manifests,
+            template,
+            pod_name: name,
+            namespace: &self.sts.namespace,
+            subdomain,
+            domain: &self.cfg.domain,
+            pod_ip: ip,
+            dns_ip: net::DNS_IP,
+            netns: net::ns_path(&netns),
+            pod_dir,
+            claims,
+            image: &self.cfg.image,
+        })?;
+        net::delete_ns(&netns)?;
+        let veth = format!("veth{}", self.next_veth);
+        self.next_veth += 1;
+        net::attach(&self.cfg.name, &netns, &veth, ip)?;
+        Ok((ip, netns, plan))
+    }
+
+    /// Starts the container of pod `name` (`pod-init` with its launch spec),
+    /// its output going to log number `log_index` of the pod.
+    pub(super) fn launch(
+        &self,
+        name: &str,
+        launch: &LaunchSpec,
+        log_index: usize,
+    ) -> Result<(Child, PathBuf)> {
+        let self_exe = &self.cfg.self_exe;
+        let spec_path = self
+            .cfg
+            .state_dir
+            .join("pods")
+            .join(name)
+            .join("launch.json");
+        fs::write(&spec_path, serde_json::to_vec_pretty(launch)?)?;
+        let log_dir = self.cfg.state_dir.join("logs").join(name);
         fs::create_dir_all(&log_dir)?;
-        let log_path = log_dir.join(format!("{}.log", p.logs.len()));
+        let log_path = log_dir.join(format!("{log_index}.log"));
         let log = fs::File::create(&log_path)?;
-        let child = Command::new(&self_exe)
+        let child = Command::new(self_exe)
             .arg("pod-init")
             .arg(&spec_path)
             .stdin(Stdio::null())
@@ -111,6 +157,15 @@ impl Sim {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", self_exe.display()))?;
+        Ok((child, log_path))
+    }
+
+    pub(super) fn start_container(&mut self, ordinal: u32) -> Result<()> {
+        let Some(p) = self.pods.get(&ordinal) else {
+            return Ok(());
+        };
+        let (child, log_path) = self.launch(&p.name, &p.plan.launch, p.logs.len())?;
+        let p = self.pods.get_mut(&ordinal).expect("pod exists");
         p.serial += 1;
         let now = Instant::now();
         let pid = child.id();

@@ -2,15 +2,18 @@
 //!
 //! `helm template` prints a stream of YAML documents; each one is read into a
 //! `serde_yaml::Value` only long enough to see its `kind`, then into the typed
-//! `k8s-openapi` struct for the kinds the simulator models. Every other kind is
-//! listed in [`Manifests::ignored`] so `up` can say what it does not model.
+//! `k8s-openapi` struct for the kinds the simulator models. `helm test` hook
+//! Pods are kept apart ([`Manifests::test_pods`]): they are not installed,
+//! only run by `scripts/cluster test`. Every other kind and hook is listed in
+//! [`Manifests::ignored`] so `up` can say what it does not model.
 
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
 /// Everything the simulator reads from one rendering of the chart.
@@ -24,8 +27,13 @@ pub struct Manifests {
     pub config_maps: Vec<ConfigMap>,
     /// Secrets: volumes and `secretKeyRef` env read them.
     pub secrets: Vec<Secret>,
-    /// `Kind/name` of every object the simulator does not model (NetworkPolicy,
-    /// PodDisruptionBudget, ServiceAccount, hooks, ...), for the `up` report.
+    /// NetworkPolicies: enforced in the pods' network namespaces (`netpol`).
+    pub network_policies: Vec<NetworkPolicy>,
+    /// Pods annotated `helm.sh/hook: test`: run by `test`, never installed.
+    pub test_pods: Vec<Pod>,
+    /// `Kind/name` of every object the simulator does not model
+    /// (PodDisruptionBudget, ServiceAccount, other hooks, ...), for the `up`
+    /// report.
     pub ignored: Vec<String>,
 }
 
@@ -51,16 +59,27 @@ impl Manifests {
                 .and_then(|n| n.as_str())
                 .unwrap_or("<unnamed>")
                 .to_string();
-            let is_hook = value
+            let hook = value
                 .get("metadata")
                 .and_then(|m| m.get("annotations"))
                 .and_then(|a| a.get("helm.sh/hook"))
-                .is_some();
-            if is_hook {
-                out.ignored.push(format!("{kind}/{name} (helm hook)"));
+                .map(|h| h.as_str().unwrap_or("").to_string());
+            let ctx = || format!("rendered {kind} {name:?} does not match the Kubernetes schema");
+            if let Some(hook) = hook {
+                // `helm test` runs the hooks of event `test` (`test-success`
+                // is its old name); every other hook event is not modelled.
+                let test = hook
+                    .split(',')
+                    .any(|e| matches!(e.trim(), "test" | "test-success"));
+                if test && kind == "Pod" {
+                    out.test_pods
+                        .push(serde_yaml::from_value(value).with_context(ctx)?);
+                } else {
+                    out.ignored
+                        .push(format!("{kind}/{name} (helm hook {hook:?})"));
+                }
                 continue;
             }
-            let ctx = || format!("rendered {kind} {name:?} does not match the Kubernetes schema");
             match kind.as_str() {
                 "StatefulSet" => out
                     .stateful_sets
@@ -73,6 +92,9 @@ impl Manifests {
                     .push(serde_yaml::from_value(value).with_context(ctx)?),
                 "Secret" => out
                     .secrets
+                    .push(serde_yaml::from_value(value).with_context(ctx)?),
+                "NetworkPolicy" => out
+                    .network_policies
                     .push(serde_yaml::from_value(value).with_context(ctx)?),
                 "" => bail!("rendered manifest document #{index} has no `kind`"),
                 _ => out.ignored.push(format!("{kind}/{name}")),
@@ -102,6 +124,12 @@ impl Manifests {
         }
         for s in &self.secrets {
             docs.push(serde_yaml::to_string(s)?);
+        }
+        for p in &self.network_policies {
+            docs.push(serde_yaml::to_string(p)?);
+        }
+        for p in &self.test_pods {
+            docs.push(serde_yaml::to_string(p)?);
         }
         Ok(docs.join("---\n"))
     }

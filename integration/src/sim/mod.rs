@@ -21,8 +21,10 @@
 //!   - [`kubelet`]: containers, probes, restarts and kills;
 //!   - [`proxy`]: the Service proxy;
 //!   - [`status`]: `kubectl get`-style status tables.
+//! - [`hook`]: `helm test`: the chart's test hook pods and their report.
 //! - [`nemesis`]: faults for the chaos suite (partitions, loss, slowness,
 //!   DNS outage, kill, pause) and their heal.
+//! - [`netpol`]: NetworkPolicy translated into nftables rules per pod.
 //! - [`control`]: the control protocol.
 //! - [`cleanup`]: teardown by name and the leftover check.
 //! - [`Cluster`]: a handle the tests and the `tally-sim` command use.
@@ -33,11 +35,13 @@ pub mod daemon;
 pub mod dns;
 pub mod dns_cache;
 pub mod endpoints;
+pub mod hook;
 pub mod image;
 pub mod kubelet;
 pub mod manifest;
 pub mod nemesis;
 pub mod net;
+pub mod netpol;
 pub mod pod;
 pub mod proxy;
 pub mod statefulset;
@@ -54,6 +58,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 pub use control::{ClusterStatus, Event, PodStatus, Request, Response};
+pub use hook::TestReport;
 pub use net::HttpResponse;
 
 /// How to start a cluster.
@@ -406,6 +411,29 @@ impl Cluster {
         .args(argv)
         .stdin(Stdio::null());
         cmd
+    }
+
+    /// `helm test`: runs the chart's test hook pods and waits until they
+    /// finish (at most `timeout`), returning the report.
+    pub fn helm_test(&self, timeout: Duration) -> Result<TestReport> {
+        self.request(&Request::RunTests)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let report = match self.request(&Request::Tests)? {
+                Response::Tests(r) => r,
+                other => bail!("unexpected answer {other:?}"),
+            };
+            if report.finished() {
+                return Ok(report);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the test pods did not finish within {timeout:?}:\n{}",
+                    hook::render_report(&report)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Deletes a pod.

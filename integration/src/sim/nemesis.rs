@@ -178,6 +178,11 @@ fn nft_rules(ns: &str, input: &[String], output: &[String]) -> Result<()> {
     for r in output {
         script.push_str(&format!("add rule inet {TABLE} output {r}\n"));
     }
+    nft_apply(ns, &script)
+}
+
+/// Applies an nftables script (`nft -f`, one transaction) in namespace `ns`.
+pub(super) fn nft_apply(ns: &str, script: &str) -> Result<()> {
     let path = std::env::temp_dir().join(format!("tsim-nft-{}-{ns}", std::process::id()));
     std::fs::write(&path, script)?;
     let r = in_ns(ns, &["nft", "-f", &path.to_string_lossy()]);

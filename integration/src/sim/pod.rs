@@ -152,7 +152,8 @@ pub struct PodFacts<'a> {
     pub pod_name: &'a str,
     /// Namespace.
     pub namespace: &'a str,
-    /// The StatefulSet's serviceName (the pod's subdomain).
+    /// The StatefulSet's serviceName (the pod's subdomain); empty for a
+    /// pod without one.
     pub subdomain: &'a str,
     /// Cluster domain.
     pub domain: &'a str,
@@ -585,10 +586,15 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
 
     // The kubelet's files, bind-mounted over the image's /etc as the kubelet
     // does (from the pod's directory).
-    let fqdn = format!(
-        "{}.{}.{}.svc.{}",
-        f.pod_name, f.subdomain, f.namespace, f.domain
-    );
+    // A pod without a subdomain (the `helm test` pod) has no FQDN of its own.
+    let names = if f.subdomain.is_empty() {
+        f.pod_name.to_string()
+    } else {
+        format!(
+            "{}.{}.{}.svc.{}\t{}",
+            f.pod_name, f.subdomain, f.namespace, f.domain, f.pod_name
+        )
+    };
     let files = [
         (
             "resolv.conf",
@@ -601,9 +607,8 @@ pub fn plan(f: &PodFacts<'_>) -> Result<PodPlan> {
             format!(
                 "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
                  fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n\
-                 {ip}\t{fqdn}\t{pod}\n",
+                 {ip}\t{names}\n",
                 ip = f.pod_ip,
-                pod = f.pod_name
             ),
         ),
         ("hostname", "/etc/hostname", format!("{}\n", f.pod_name)),

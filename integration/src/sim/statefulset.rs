@@ -13,12 +13,12 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 
-use super::daemon::Sim;
+use super::daemon::{Sim, compile_policies};
 use super::endpoints::{ServicePort, ServiceRec};
+use super::hook::unix_now;
 use super::kubelet::{ProbeState, SimPod};
 use super::manifest::Manifests;
 use super::net;
-use super::pod::{self, PodFacts};
 
 #[derive(Debug)]
 pub(super) struct StsState {
@@ -235,29 +235,8 @@ impl Sim {
             }
             claims.insert(claim, dir);
         }
-        let ip = self.alloc_ip();
-        let netns = net::pod_ns(&self.cfg.name, &name);
-        let pod_dir = self.cfg.state_dir.join("pods").join(&name);
-        let _ = fs::remove_dir_all(&pod_dir);
-        fs::create_dir_all(&pod_dir)?;
-        let plan = pod::plan(&PodFacts {
-            manifests: &self.manifests,
-            template: &template,
-            pod_name: &name,
-            namespace: &self.sts.namespace,
-            subdomain: &self.sts.service_name,
-            domain: &self.cfg.domain,
-            pod_ip: ip,
-            dns_ip: net::DNS_IP,
-            netns: net::ns_path(&netns),
-            pod_dir,
-            claims,
-            image: &self.cfg.image,
-        })?;
-        net::delete_ns(&netns)?;
-        let veth = format!("veth{}", self.next_veth);
-        self.next_veth += 1;
-        net::attach(&self.cfg.name, &netns, &veth, ip)?;
+        let subdomain = self.sts.service_name.clone();
+        let (ip, netns, plan) = self.sandbox(&name, &template, &subdomain, claims)?;
         self.event(
             &format!("pod/{name}"),
             "Scheduled",
@@ -406,6 +385,7 @@ impl Sim {
     pub(super) fn apply(&mut self, yaml: &str) -> Result<String> {
         let m = Manifests::parse(yaml)?;
         let new = sts_state(&m)?;
+        let policies = compile_policies(&m)?;
         let old = &self.sts;
         if new.name != old.name {
             bail!(
@@ -466,6 +446,11 @@ impl Sim {
         }
         self.services = services;
         self.manifests = m;
+        self.policies = policies;
+        // The new policies hold once the upgrade returns.
+        self.enforce_policies();
+        self.revision += 1;
+        self.deployed_s = unix_now();
         self.sts.replicas = new.replicas;
         self.sts.on_delete = new.on_delete;
         self.sts.partition = new.partition;
