@@ -501,32 +501,17 @@ fn helm_test_and_network_policy(c: &Cluster) {
     assert!(log.contains("not complete"), "{log}");
     wait_total(c, "tally-0", 300);
 
-    // Enforcement shows: a policy without the peer ingress rule makes the
-    // totals incomplete (and the test fail); one without DNS egress breaks
-    // lookups in the pods. Policies are stateful, so connections opened
-    // before a change stay up (as with a CNI's conntrack): tally-2 is
-    // replaced to make its peers connect afresh.
-    apply_policy(c, |spec| {
-        spec.ingress.as_mut().unwrap().retain(|r| {
-            !r.ports
-                .iter()
-                .flatten()
-                .any(|p| is_port(p, PEER_PORT.into()))
-        })
-    });
-    replace_pod(c, "tally-2");
-    let v = wait_view(c, "an incomplete total without the peer rule", |v| {
-        v["complete"] == false
-    });
-    println!("without the peer ingress rule, tally-0: {v}");
-    assert_eq!(helm_test(c).runs[0].phase, "Failed");
+    // Enforcement shows: a policy without DNS egress breaks lookups in the
+    // pods and so the totals; one without the peer ingress rule keeps a pod
+    // from fetching its sibling. Policies are stateful, so
+    // connections opened before a change stay up (as with a CNI's
+    // conntrack): tally-2 is replaced to make its peers connect afresh.
     apply_policy(c, |spec| {
         spec.egress
             .as_mut()
             .unwrap()
             .retain(|r| !r.ports.iter().flatten().any(|p| is_port(p, 53)))
     });
-    wait_total(c, "tally-0", 300);
     let out = c
         .exec("tally-0", &["nslookup", "tally-1.tally-headless"])
         .unwrap();
@@ -539,11 +524,42 @@ fn helm_test_and_network_policy(c: &Cluster) {
         !out.status.success(),
         "DNS answered through a policy without DNS egress"
     );
+    let v = wait_view(c, "an incomplete total without DNS", |v| {
+        v["complete"] == false
+    });
+    println!("without DNS egress, tally-0: {v}");
     apply_policy(c, |_| {});
     let out = c
         .exec("tally-0", &["nslookup", "tally-1.tally-headless"])
         .unwrap();
     assert!(out.status.success(), "DNS is back with the chart's policy");
+    wait_total(c, "tally-0", 300);
+
+    apply_policy(c, |spec| {
+        spec.ingress.as_mut().unwrap().retain(|r| {
+            !r.ports
+                .iter()
+                .flatten()
+                .any(|p| is_port(p, PEER_PORT.into()))
+        })
+    });
+    replace_pod(c, "tally-2");
+    let tally_2 = |v: &Value| {
+        v["pods"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["pod"] == "tally-2"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let v = wait_view(c, "tally-2 unreachable without the peer rule", |v| {
+        let row = tally_2(v);
+        row["source"] != "live" && row["error"].as_str().unwrap_or("").contains("connect")
+    });
+    println!("without the peer ingress rule, tally-0: {v}");
+    apply_policy(c, |_| {});
+    wait_view(c, "tally-2 answering again", |v| {
+        tally_2(v)["source"] == "live"
+    });
     wait_total(c, "tally-0", 300);
 }
 
