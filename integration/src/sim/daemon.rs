@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,8 @@ pub(super) struct Sim {
     pub(super) policies: Vec<Policy>,
     /// The nftables script last applied per network namespace.
     pub(super) netpol_applied: BTreeMap<String, String>,
+    /// The last error applying a namespace's script, until it applies.
+    pub(super) netpol_failed: BTreeMap<String, String>,
     /// `helm test` pods by name (the last run of each).
     pub(super) hooks: BTreeMap<String, HookPod>,
     /// When the release was installed or last upgraded (Unix seconds).
@@ -178,8 +181,9 @@ impl Sim {
             ip: net::DNS_IP,
             ports: vec![(Some("dns".into()), 53), (Some("dns-tcp".into()), 53)],
         });
-        self.netpol_applied
-            .retain(|netns, _| pods.iter().any(|(_, n, _)| n == netns));
+        let alive = |netns: &String| pods.iter().any(|(_, n, _)| n == netns);
+        self.netpol_applied.retain(|netns, _| alive(netns));
+        self.netpol_failed.retain(|netns, _| alive(netns));
         for (name, netns, me) in pods {
             let script = match rules_for(&self.policies, &me, &members) {
                 Some(rules) => netpol::nft_script(&rules, net::GATEWAY),
@@ -194,13 +198,17 @@ impl Sim {
             }
             match nft_apply(&netns, &script) {
                 Ok(()) => {
+                    self.netpol_failed.remove(&netns);
                     self.netpol_applied.insert(netns, script);
                 }
-                Err(e) => self.event(
-                    &format!("pod/{name}"),
-                    "FailedNetworkPolicy",
-                    format!("{e:#}"),
-                ),
+                Err(e) => {
+                    // One event per new error, not one per pass.
+                    let e = format!("{e:#}");
+                    if self.netpol_failed.get(&netns) != Some(&e) {
+                        self.event(&format!("pod/{name}"), "FailedNetworkPolicy", e.clone());
+                        self.netpol_failed.insert(netns, e);
+                    }
+                }
             }
         }
     }
@@ -418,6 +426,13 @@ pub fn run_daemon(cfg: DaemonConfig, yaml: &str) -> Result<()> {
     let manifests = Manifests::parse(yaml)?;
     let sts = sts_state(&manifests)?;
     let policies = compile_policies(&manifests)?;
+    if !policies.is_empty() && Command::new("nft").arg("--version").output().is_err() {
+        bail!(
+            "the rendered chart has a NetworkPolicy and the simulator enforces it with nftables, \
+             but `nft` cannot be run: install nftables (`apt-get install nftables`; scripts/cluster \
+             and the e2e suite install it)"
+        );
+    }
     let mut next_service_ip = 11u8;
     let services = services_of(&manifests, &[], &mut next_service_ip)?;
     fs::create_dir_all(&cfg.state_dir)?;
@@ -459,6 +474,7 @@ pub fn run_daemon(cfg: DaemonConfig, yaml: &str) -> Result<()> {
         fillers: Vec::new(),
         policies,
         netpol_applied: BTreeMap::new(),
+        netpol_failed: BTreeMap::new(),
         hooks: BTreeMap::new(),
         deployed_s: unix_now(),
         revision: 1,
