@@ -68,7 +68,7 @@ pub struct Metrics {
     /// 1 while the data volume has no free block (visits answered 503),
     /// else 0.
     pub store_volume_full: Gauge,
-    /// Duration of a fan-out to all siblings.
+    /// Duration of a fan-out: a round to every sibling, or a gossip to a few.
     pub fanout_duration: Histogram,
     /// Peer fetches that failed, by kind (timeout, connect, status, body…).
     pub peer_errors: Family<ErrorKind, Counter>,
@@ -188,7 +188,7 @@ impl Metrics {
         );
         registry.register(
             "fanout_duration_seconds",
-            "Time to ask every sibling for its state",
+            "Time to ask siblings for their state (every one in a round, a few in a gossip)",
             metrics.fanout_duration.clone(),
         );
         registry.register(

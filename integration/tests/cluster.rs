@@ -115,6 +115,11 @@ impl Pods {
         self.http.get(&self.pod(i).url(path)).await.unwrap()
     }
 
+    /// GET `path` on pod `i`'s peer port.
+    async fn peer_get(&self, i: usize, path: &str) -> Reply {
+        self.http.get(&self.pod(i).peer_url(path)).await.unwrap()
+    }
+
     async fn total(&self, i: usize) -> (Value, Duration) {
         let started = Instant::now();
         let reply = self.get(i, "/visits/total").await;
@@ -630,6 +635,72 @@ async fn tally_peers_shows_what_the_pod_resolves() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("1 member(s) did not answer"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_peer_route_answers_only_changes_since_a_cursor() {
+    let pods = Pods::start(8, 3, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
+    pods.visit(1, 2).await;
+    pods.visit(2, 3).await;
+    assert_eq!(pods.total(0).await.0["total"], 5);
+    let counts = |reply: &Reply| -> Vec<(String, u64)> {
+        let state = reply.json();
+        state["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["pod"].as_str().unwrap().to_string(),
+                    e["count"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // Without `since`: the full state, as a human with curl always saw it.
+    let plain = pods.peer_get(0, "/peer/state").await;
+    assert_eq!(counts(&plain).len(), 3, "{}", plain.body);
+    assert!(!plain.headers.contains_key("tally-cursor"));
+    // `since` empty or unknown: the full state and a cursor.
+    for since in ["", "0-0", "junk"] {
+        let full = pods
+            .peer_get(0, &format!("/peer/state?since={since}"))
+            .await;
+        assert_eq!(counts(&full).len(), 3, "since={since}: {}", full.body);
+        assert!(full.headers.contains_key("tally-cursor"), "since={since}");
+    }
+    let cursor = |reply: &Reply| reply.headers["tally-cursor"].to_str().unwrap().to_string();
+    let c0 = cursor(&pods.peer_get(0, "/peer/state?since=").await);
+    // Nothing changed since: only the sender's own entry.
+    let quiet = pods.peer_get(0, &format!("/peer/state?since={c0}")).await;
+    assert_eq!(
+        counts(&quiet),
+        [("tally-0".to_string(), 0)],
+        "{}",
+        quiet.body
+    );
+    // tally-2 grows and tally-0 learns it: the delta holds exactly that.
+    pods.visit(2, 1).await;
+    assert_eq!(pods.total(0).await.0["total"], 6);
+    let delta = pods.peer_get(0, &format!("/peer/state?since={c0}")).await;
+    let mut got = counts(&delta);
+    got.sort();
+    assert_eq!(
+        got,
+        [("tally-0".to_string(), 0), ("tally-2".to_string(), 4)],
+        "{}",
+        delta.body
+    );
+    // Repeated totals ride on deltas and stay exact and complete.
+    pods.visit(1, 1).await;
+    for i in 0..3 {
+        let (view, _) = pods.total(i).await;
+        assert_eq!(
+            (view["total"].as_u64(), view["complete"].as_bool()),
+            (Some(7), Some(true)),
+            "{view}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

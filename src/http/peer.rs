@@ -15,7 +15,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::handler::Handler;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{ApiError, App, edge, healthz, readyz, refuse_bodies};
 use crate::merge::Key;
+use crate::peers::delta;
 use crate::peers::wire::{FORGET_PATH, MAX_PEER_BODY, PEER_PATH};
 
 /// Most peer requests served at once; a pod has one request in flight per
@@ -132,11 +133,25 @@ fn refuse(app: &App, error: ApiError) -> Response {
     error.into_response()
 }
 
-async fn peer_state(State(app): State<Arc<App>>) -> Response {
-    let body = serde_json::to_vec(&app.cluster.peer_state()).expect("serialises");
+/// Everything this pod knows; with `?since=<cursor>` only what changed
+/// since (always with this pod's own entry), and the cursor for the next
+/// fetch in the `tally-cursor` header ([`delta`]).
+async fn peer_state(State(app): State<Arc<App>>, uri: Uri) -> Response {
+    let (state, cursor) = match delta::since(uri.query()) {
+        Some(since) => {
+            let (state, cursor) = app.cluster.peer_delta(since);
+            (state, HeaderValue::try_from(cursor.to_string()).ok())
+        }
+        None => (app.cluster.peer_state(), None),
+    };
+    let body = serde_json::to_vec(&state).expect("serialises");
     app.metrics.peer_served.inc();
     app.metrics.peer_bytes_served.inc_by(body.len() as u64);
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    let mut response = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if let Some(cursor) = cursor {
+        response.headers_mut().insert(delta::CURSOR_HEADER, cursor);
+    }
+    response
 }
 
 /// A sibling's state handed over (`PUT`): on its way out, or a retirement

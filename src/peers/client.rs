@@ -12,6 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use super::delta::{CURSOR_HEADER, SINCE_PARAM};
 use super::wire::{self, FORGET_PATH, MAX_PEER_BODY, PEER_PATH, PeerState, StateError};
 
 /// Why a fetch failed.
@@ -68,9 +69,36 @@ impl PeerClient {
         }
     }
 
-    /// One fetch, bounded by `limit` from start to the last body byte.
+    /// One fetch of the full state (plain `GET /peer/state`), bounded by
+    /// `limit` from start to the last body byte.
     pub async fn fetch(&self, addr: SocketAddr, limit: Duration) -> Result<PeerState, FetchError> {
-        tokio::time::timeout(limit, self.fetch_unbounded(addr))
+        self.fetch_path(addr, limit, PEER_PATH.to_string())
+            .await
+            .map(|(state, _cursor)| state)
+    }
+
+    /// One fetch of what changed since `since`, the cursor of the sibling's
+    /// last answer this pod merged (empty: none, send everything; see
+    /// [`delta`](super::delta)). Returns the state and the cursor for the
+    /// next fetch (none from a sibling that does not speak deltas).
+    pub async fn fetch_since(
+        &self,
+        addr: SocketAddr,
+        limit: Duration,
+        since: &str,
+    ) -> Result<(PeerState, Option<String>), FetchError> {
+        // Cursors are `<hex>-<digits>`: nothing to escape in a query string.
+        self.fetch_path(addr, limit, format!("{PEER_PATH}?{SINCE_PARAM}={since}"))
+            .await
+    }
+
+    async fn fetch_path(
+        &self,
+        addr: SocketAddr,
+        limit: Duration,
+        path: String,
+    ) -> Result<(PeerState, Option<String>), FetchError> {
+        tokio::time::timeout(limit, self.fetch_unbounded(addr, &path))
             .await
             .unwrap_or(Err(FetchError::Timeout(limit.as_millis())))
     }
@@ -126,13 +154,22 @@ impl PeerClient {
         })
     }
 
-    async fn fetch_unbounded(&self, addr: SocketAddr) -> Result<PeerState, FetchError> {
+    async fn fetch_unbounded(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<(PeerState, Option<String>), FetchError> {
         let response = self
-            .send(http::Method::GET, addr, PEER_PATH, Bytes::new())
+            .send(http::Method::GET, addr, path, Bytes::new())
             .await?;
         if response.status() != StatusCode::OK {
             return Err(FetchError::Status(response.status()));
         }
+        let cursor = response
+            .headers()
+            .get(CURSOR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let declared = response
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -152,7 +189,7 @@ impl PeerClient {
                 }
             })?
             .to_bytes();
-        Ok(wire::decode_state(&body)?)
+        Ok((wire::decode_state(&body)?, cursor))
     }
 
     /// `tally forget`: asks the pod at `addr` to retire `counter`; returns

@@ -13,16 +13,23 @@
 //! - [`wire`]: the peer protocol's types and its decoder;
 //! - [`client`]: the HTTP client siblings use;
 //! - [`view`]: the pure `/visits/total` view of a round;
-//! - [`persist`]: `peers.state`, with one writer.
+//! - [`persist`]: `peers.state`, with one writer;
+//! - [`delta`]: what changed since a sibling's last fetch (cursors).
+//!
+//! Fetches carry the cursor of the sibling's last answer merged, so a quiet
+//! sibling answers with its own entry only. The background refresh is not
+//! a round: it gossips with [`GOSSIP_FANOUT`] siblings at random
+//! (knowledge travels), while `/visits/total` still asks every member.
 
 pub mod announced;
 pub mod client;
+pub mod delta;
 pub mod persist;
 pub mod rounds;
 pub mod view;
 pub mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,11 +39,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::discovery::{Discovery, Peer};
-use crate::merge::{Absorbed, Counter, Entry, Key, MergeError};
+use crate::merge::{Counter, Entry, Key, MergeError};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::store::{Store, unix_now};
 use announced::Announced;
 use client::{FetchError, PeerClient};
+use delta::{Cursor, Journal};
 use persist::PeersFile;
 pub use persist::{PEERS_FILE, PeersError, load_peers};
 use rounds::{Joined, Rounds};
@@ -100,6 +108,29 @@ struct Inner {
     /// to recognise itself in DNS by address when the SRV target does not
     /// name it.
     addr: OnceLock<SocketAddr>,
+    /// What this pod has answered siblings, so they can ask for changes only.
+    journal: Mutex<Journal>,
+    /// Per sibling (by the pod name DNS gives), the cursor of its last
+    /// answer this pod merged whole.
+    cursors: Mutex<HashMap<String, String>>,
+}
+
+/// A sibling's answer to a fetch: its state and the cursor for the next
+/// fetch (or why it failed), and how long it took.
+type Fetched = (
+    Peer,
+    Result<(PeerState, Option<String>), FetchError>,
+    Duration,
+);
+
+/// What merging a batch of answers did.
+#[derive(Default)]
+struct Merged {
+    outcomes: BTreeMap<String, Outcome>,
+    disputes: BTreeMap<Key, String>,
+    /// SRV targets that are addresses, by the pod name they answered with.
+    answered_as: BTreeMap<String, String>,
+    changed: bool,
 }
 
 impl Cluster {
@@ -129,6 +160,8 @@ impl Cluster {
             crowded: AtomicBool::new(false),
             announced: Mutex::new(Announced::default()),
             addr: OnceLock::new(),
+            journal: Mutex::new(Journal::new(getrandom::u64().unwrap_or_default())),
+            cursors: Mutex::new(HashMap::new()),
         });
         let rounds = Rounds::new({
             let inner = inner.clone();
@@ -151,8 +184,12 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Starts the persister and, when `refresh` is set, the periodic round.
-    /// Both stop with [`Background::stop`].
+    /// Starts the persister and, when `refresh` is set, the periodic gossip
+    /// (each period, [`GOSSIP_FANOUT`] siblings at random: knowledge travels,
+    /// so every pod hears of every change within a few periods while a
+    /// pod's background peer traffic does not grow with the cluster).
+    /// `/visits/total` still asks every member. Both stop with
+    /// [`Background::stop`].
     pub fn spawn_background(&self, refresh: Option<Duration>) -> Background {
         let persister = tokio::spawn(self.clone().persist_forever());
         let refresher = refresh
@@ -161,7 +198,7 @@ impl Cluster {
                 let cluster = self.clone();
                 tokio::spawn(async move {
                     loop {
-                        cluster.round().await;
+                        cluster.inner.gossip().await;
                         tokio::time::sleep(every).await;
                     }
                 })
@@ -211,6 +248,17 @@ impl Cluster {
             announce: None,
             news,
         }
+    }
+
+    /// The peer route's answer to a sibling that sent `since` ([`delta`]):
+    /// this pod's entry plus what changed after that cursor, or everything
+    /// for a cursor this process did not issue; and the next cursor.
+    pub fn peer_delta(&self, since: &str) -> (PeerState, Cursor) {
+        // One answer at a time: the journal's versions follow the states
+        // in the order they are taken.
+        let mut journal = self.inner.journal.lock().expect("poisoned");
+        let answer = journal.answer(self.peer_state(), Some(since));
+        (answer.state, answer.cursor)
     }
 
     /// Writes `peers.state` now; the final write at shutdown. Returns
@@ -494,44 +542,14 @@ impl Inner {
         };
         let started = Instant::now();
         let deadline = started + self.limits.deadline;
-        let members = match tokio::time::timeout_at(deadline.into(), discovery.members()).await {
-            Ok(members) => members,
-            Err(_) => crate::discovery::Members {
-                peers: Vec::new(),
-                error: Some(format!(
-                    "DNS lookup of {} took longer than the {} ms deadline",
-                    discovery.member().srv_name(),
-                    self.limits.deadline.as_millis()
-                )),
-                failed: true,
-            },
-        };
-        // DNS's answer, plus the siblings that announced themselves since;
-        // this pod under its own name even when the SRV target is an address.
-        let dns = members.peers;
+        let (dns, discovery_error) = self.resolve(discovery, deadline).await;
         let mut peers = self.with_news(&dns);
         let mut results = self.fetch(&peers, deadline).await;
         // What the siblings heard may name members this pod never heard
         // of, or a new address for one it could not reach: fetch those too,
         // in this round, or a total could be complete without them.
         for _ in 0..MAX_NEWS_PHASES {
-            let mut heard = false;
-            for (_, result, _) in &results {
-                if let Ok(state) = result {
-                    heard |= !self
-                        .announced
-                        .lock()
-                        .expect("poisoned")
-                        .learn(
-                            &state.news,
-                            &self.pod,
-                            |pod| self.names_a_pod(pod),
-                            unix_now_ms(),
-                        )
-                        .is_empty();
-                }
-            }
-            if !heard {
+            if !self.learn_news(&results) {
                 break;
             }
             let now = self.with_news(&dns);
@@ -552,30 +570,17 @@ impl Inner {
             results.extend(self.fetch(&again, deadline).await);
             peers = now;
         }
-        // SRV targets that are addresses, by the pod name they answered with.
-        let answered_as: BTreeMap<String, String> = results
-            .iter()
-            .filter_map(|(peer, result, _)| {
-                let state = result.as_ref().ok()?;
-                (state.pod != peer.pod).then(|| (peer.pod.clone(), state.pod.clone()))
-            })
-            .collect();
+        let merged = self.absorb_all(results);
         for peer in &mut peers {
-            if let Some(pod) = answered_as.get(&peer.pod) {
+            if let Some(pod) = merged.answered_as.get(&peer.pod) {
                 peer.pod.clone_from(pod);
             }
         }
-        // First what every pod says for itself: the authority on its own
-        // counter, against which relays are judged.
-        let answered: BTreeMap<String, Option<(String, u64)>> = results
-            .iter()
-            .filter_map(|(_, result, _)| result.as_ref().ok())
-            .filter_map(|s| Some((s.pod.clone(), Some((s.incarnation.clone(), s.own()?.count)))))
-            .collect();
-        let me = self.my_entry();
         let mut round = Round {
             members: Some(peers.iter().map(|p| p.pod.clone()).collect()),
-            discovery_error: members.error,
+            discovery_error,
+            outcomes: merged.outcomes,
+            disputes: merged.disputes,
             ..Round::default()
         };
         {
@@ -587,56 +592,7 @@ impl Inner {
                 .map(|p| p.pod.clone())
                 .collect();
         }
-        let mut changed = false;
-        {
-            let mut counter = self.counter.lock().expect("poisoned");
-            for (peer, result, latency) in results {
-                let merged = result.and_then(|state| {
-                    counter
-                        .absorb(&state, &me.key(), me.count, &answered, unix_now())
-                        .map(|absorbed| (state.incarnation, absorbed))
-                        .map_err(|e| {
-                            self.refused(e.reason());
-                            FetchError::Invalid(e.to_string())
-                        })
-                });
-                let outcome = match merged {
-                    Ok((
-                        incarnation,
-                        Absorbed {
-                            changed: grew,
-                            disputes,
-                        },
-                    )) => {
-                        changed |= grew;
-                        for dispute in disputes {
-                            self.refused(dispute.reason());
-                            round
-                                .disputes
-                                .insert(dispute.key.clone(), dispute.to_string());
-                        }
-                        Outcome::Live {
-                            incarnation,
-                            latency,
-                        }
-                    }
-                    Err(error) => {
-                        if let FetchError::Refused(e) = &error {
-                            self.refused(e.reason());
-                        }
-                        self.metrics
-                            .peer_errors
-                            .get_or_create(&ErrorKind { kind: error.kind() })
-                            .inc();
-                        tracing::debug!(peer = %peer.pod, addr = %peer.addr, %error, "peer fetch failed");
-                        Outcome::Failed(error.to_string())
-                    }
-                };
-                let pod = answered_as.get(&peer.pod).unwrap_or(&peer.pod);
-                round.outcomes.insert(pod.clone(), outcome);
-            }
-        }
-        self.changed(changed);
+        self.changed(merged.changed);
         let metrics = &self.metrics;
         metrics
             .fanout_duration
@@ -646,6 +602,74 @@ impl Inner {
             metrics.discovery_failures.inc();
         }
         round
+    }
+
+    /// Background refresh: asks [`GOSSIP_FANOUT`] siblings picked at random
+    /// for what changed and merges it (news included) under the same trust
+    /// rules as a round. Not a round: `/visits/total` never rides on it
+    /// (its read barrier needs every member's own answer).
+    async fn gossip(&self) {
+        let Some(discovery) = &self.discovery else {
+            return;
+        };
+        let started = Instant::now();
+        let deadline = started + self.limits.deadline;
+        let (dns, discovery_error) = self.resolve(discovery, deadline).await;
+        let mut peers = self.with_news(&dns);
+        self.metrics.members.set(peers.len() as i64);
+        if discovery_error.is_some() {
+            self.metrics.discovery_failures.inc();
+        }
+        peers.retain(|p| !self.is_me(p));
+        let picked = pick(&mut peers, GOSSIP_FANOUT, || {
+            getrandom::u64().unwrap_or_default()
+        });
+        let results = self.fetch(picked, deadline).await;
+        self.learn_news(&results);
+        let merged = self.absorb_all(results);
+        self.changed(merged.changed);
+        self.metrics
+            .fanout_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// DNS's answer within the deadline, or why there is none.
+    async fn resolve(
+        &self,
+        discovery: &Discovery,
+        deadline: Instant,
+    ) -> (Vec<Peer>, Option<String>) {
+        match tokio::time::timeout_at(deadline.into(), discovery.members()).await {
+            Ok(members) => (members.peers, members.error),
+            Err(_) => (
+                Vec::new(),
+                Some(format!(
+                    "DNS lookup of {} took longer than the {} ms deadline",
+                    discovery.member().srv_name(),
+                    self.limits.deadline.as_millis()
+                )),
+            ),
+        }
+    }
+
+    /// Takes in what the answering siblings heard of members; whether any
+    /// of it was news.
+    fn learn_news(&self, results: &[Fetched]) -> bool {
+        let mut heard = false;
+        let mut announced = self.announced.lock().expect("poisoned");
+        for (_, result, _) in results {
+            if let Ok((state, _)) = result {
+                heard |= !announced
+                    .learn(
+                        &state.news,
+                        &self.pod,
+                        |pod| self.names_a_pod(pod),
+                        unix_now_ms(),
+                    )
+                    .is_empty();
+            }
+        }
+        heard
     }
 
     /// DNS's answer with what was heard of members since (announces,
@@ -664,35 +688,119 @@ impl Inner {
         peers
     }
 
-    /// Fetches every sibling among `peers` at once, each within its limit.
-    async fn fetch(
-        &self,
-        peers: &[Peer],
-        deadline: Instant,
-    ) -> Vec<(Peer, Result<PeerState, FetchError>, Duration)> {
+    /// Fetches from every sibling among `peers` what changed since its
+    /// cursor, at once, each within its limit.
+    async fn fetch(&self, peers: &[Peer], deadline: Instant) -> Vec<Fetched> {
         let fetches = self.siblings(peers, deadline).map(|(peer, limit)| {
             let peer = peer.clone();
-            let client = self.client.clone();
-            let metrics = self.metrics.clone();
+            let since = self
+                .cursors
+                .lock()
+                .expect("poisoned")
+                .get(&peer.pod)
+                .cloned()
+                .unwrap_or_default();
             async move {
-                metrics.peer_fetches.inc();
+                self.metrics.peer_fetches.inc();
                 let t0 = Instant::now();
-                let result = client.fetch(peer.addr, limit).await.and_then(|state| {
-                    // SRV targets that are addresses are members by the pod
-                    // name they answer with; a pod name must answer as itself.
-                    if state.pod == peer.pod || !self.names_a_pod(&peer.pod) {
-                        Ok(state)
-                    } else {
-                        Err(FetchError::Invalid(format!(
-                            "{} at {} answered as {:?}",
-                            peer.pod, peer.addr, state.pod
-                        )))
-                    }
-                });
+                let result = self
+                    .client
+                    .fetch_since(peer.addr, limit, &since)
+                    .await
+                    .and_then(|(state, cursor)| {
+                        // SRV targets that are addresses are members by the
+                        // pod name they answer with; a pod name must answer
+                        // as itself.
+                        if state.pod == peer.pod || !self.names_a_pod(&peer.pod) {
+                            Ok((state, cursor))
+                        } else {
+                            Err(FetchError::Invalid(format!(
+                                "{} at {} answered as {:?}",
+                                peer.pod, peer.addr, state.pod
+                            )))
+                        }
+                    });
                 (peer, result, t0.elapsed())
             }
         });
         futures::future::join_all(fetches).await
+    }
+
+    /// Checks and merges a batch of answers under the trust rules, first
+    /// hand first. Keeps a sibling's cursor only when its answer was merged
+    /// whole; a refused or disputed answer drops it, so the next fetch asks
+    /// for the full state (a delta never builds on a base this pod did not
+    /// take in full).
+    fn absorb_all(&self, results: Vec<Fetched>) -> Merged {
+        let mut merged = Merged {
+            answered_as: results
+                .iter()
+                .filter_map(|(peer, result, _)| {
+                    let (state, _) = result.as_ref().ok()?;
+                    (state.pod != peer.pod).then(|| (peer.pod.clone(), state.pod.clone()))
+                })
+                .collect(),
+            ..Merged::default()
+        };
+        // First what every pod says for itself: the authority on its own
+        // counter, against which relays are judged.
+        let answered: BTreeMap<String, Option<(String, u64)>> = results
+            .iter()
+            .filter_map(|(_, result, _)| result.as_ref().ok())
+            .filter_map(|(s, _)| {
+                Some((s.pod.clone(), Some((s.incarnation.clone(), s.own()?.count))))
+            })
+            .collect();
+        let me = self.my_entry();
+        let mut counter = self.counter.lock().expect("poisoned");
+        let mut cursors = self.cursors.lock().expect("poisoned");
+        for (peer, result, latency) in results {
+            let absorbed = result.and_then(|(state, cursor)| {
+                counter
+                    .absorb(&state, &me.key(), me.count, &answered, unix_now())
+                    .map(|absorbed| (state.incarnation, cursor, absorbed))
+                    .map_err(|e| {
+                        self.refused(e.reason());
+                        FetchError::Invalid(e.to_string())
+                    })
+            });
+            let outcome = match absorbed {
+                Ok((incarnation, cursor, absorbed)) => {
+                    merged.changed |= absorbed.changed;
+                    match cursor.filter(|_| absorbed.disputes.is_empty()) {
+                        Some(cursor) => cursors.insert(peer.pod.clone(), cursor),
+                        None => cursors.remove(&peer.pod),
+                    };
+                    for dispute in absorbed.disputes {
+                        self.refused(dispute.reason());
+                        merged
+                            .disputes
+                            .insert(dispute.key.clone(), dispute.to_string());
+                    }
+                    Outcome::Live {
+                        incarnation,
+                        latency,
+                    }
+                }
+                Err(error) => {
+                    if matches!(error, FetchError::Refused(_) | FetchError::Invalid(_)) {
+                        cursors.remove(&peer.pod);
+                    }
+                    if let FetchError::Refused(e) = &error {
+                        self.refused(e.reason());
+                    }
+                    self.metrics
+                        .peer_errors
+                        .get_or_create(&ErrorKind { kind: error.kind() })
+                        .inc();
+                    tracing::debug!(peer = %peer.pod, addr = %peer.addr, %error, "peer fetch failed");
+                    Outcome::Failed(error.to_string())
+                }
+            };
+            let pod = merged.answered_as.get(&peer.pod).unwrap_or(&peer.pod);
+            merged.outcomes.insert(pod.clone(), outcome);
+        }
+        merged
     }
 
     /// This pod, by name or, when the SRV target names an address, by its
@@ -815,6 +923,20 @@ struct Told {
     listed: bool,
 }
 
+/// Siblings each background refresh asks (see [`Cluster::spawn_background`]).
+pub const GOSSIP_FANOUT: usize = 3;
+
+/// Moves `k` items picked at random (by `random`) to the front of `items`
+/// and returns them (all of them when there are at most `k`).
+fn pick<T>(items: &mut [T], k: usize, mut random: impl FnMut() -> u64) -> &[T] {
+    let k = k.min(items.len());
+    for i in 0..k {
+        let j = i + (random() % (items.len() - i) as u64) as usize;
+        items.swap(i, j);
+    }
+    &items[..k]
+}
+
 /// Background tasks of a [`Cluster`]; aborted on drop.
 pub struct Background {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -836,5 +958,31 @@ impl Drop for Background {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick;
+
+    #[test]
+    fn pick_takes_k_distinct_items_and_all_when_fewer() {
+        let mut calls = 0u64;
+        let mut items: Vec<u32> = (0..10).collect();
+        let picked = pick(&mut items, 3, || {
+            calls += 1;
+            calls * 7
+        })
+        .to_vec();
+        let mut distinct = picked.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 3, "{picked:?}");
+        let mut all = items.clone();
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>(), "nothing lost");
+        let mut few = vec![1, 2];
+        assert_eq!(pick(&mut few, 3, || 5).len(), 2);
+        assert!(pick(&mut Vec::<u32>::new(), 3, || 0).is_empty());
     }
 }
