@@ -139,7 +139,7 @@ fn refuse(app: &App, error: ApiError) -> Response {
 async fn peer_state(State(app): State<Arc<App>>, uri: Uri) -> Response {
     let (state, cursor) = match delta::since(uri.query()) {
         Some(since) => {
-            let (state, cursor) = app.cluster.peer_delta(since);
+            let (state, cursor) = app.cluster.peer_delta(since, delta::have(uri.query()));
             (state, HeaderValue::try_from(cursor.to_string()).ok())
         }
         None => (app.cluster.peer_state(), None),

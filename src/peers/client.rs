@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::delta::{CURSOR_HEADER, SINCE_PARAM};
+use super::delta::{CURSOR_HEADER, HAVE_PARAM, SINCE_PARAM};
 use super::wire::{self, FORGET_PATH, MAX_PEER_BODY, PEER_PATH, PeerState, StateError};
 
 /// Why a fetch failed.
@@ -78,7 +78,8 @@ impl PeerClient {
     }
 
     /// One fetch of what changed since `since`, the cursor of the sibling's
-    /// last answer this pod merged (empty: none, send everything; see
+    /// last answer this pod merged (empty: none, send everything), for a
+    /// pod whose own state has the digest `have` (see
     /// [`delta`](super::delta)). Returns the state and the cursor for the
     /// next fetch (none from a sibling that does not speak deltas).
     pub async fn fetch_since(
@@ -86,10 +87,11 @@ impl PeerClient {
         addr: SocketAddr,
         limit: Duration,
         since: &str,
+        have: u64,
     ) -> Result<(PeerState, Option<String>), FetchError> {
         // Cursors are `<hex>-<digits>`: nothing to escape in a query string.
-        self.fetch_path(addr, limit, format!("{PEER_PATH}?{SINCE_PARAM}={since}"))
-            .await
+        let path = format!("{PEER_PATH}?{SINCE_PARAM}={since}&{HAVE_PARAM}={have:x}");
+        self.fetch_path(addr, limit, path).await
     }
 
     async fn fetch_path(

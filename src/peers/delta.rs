@@ -22,6 +22,16 @@
 //! and tombstones are never lifted, so "changed after the cursor" is all a
 //! receiver that merged everything up to the cursor lacks.
 //!
+//! A cursor alone is not enough on a large quiet cluster: with gossip a
+//! receiver fetches a given sibling only now and then, and by then it has
+//! long learnt that sibling's changes from others. So a fetch also carries
+//! a [`digest`] of everything the receiver knows (`&have=<hex>`): a sender
+//! whose own state has the same digest has nothing to tell, whatever the
+//! cursor, and answers with its own entry only. A digest that differs (or
+//! comes from another build, whose hash may differ) only means the cursor
+//! decides, so it can never make a receiver miss anything but through a
+//! 64-bit hash collision.
+//!
 //! The receiver keeps a cursor only for an answer it merged whole; an answer
 //! it refused, or merged in part (a disputed relay), drops the cursor so the
 //! next fetch asks for the full state again (see `peers::Inner::absorb_all`).
@@ -36,15 +46,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::str::FromStr;
 
-use crate::merge::Key;
-use crate::peers::wire::PeerState;
+use crate::merge::{Entry, Key};
+use crate::peers::wire::{PeerState, Retired};
 
 /// Response header carrying the cursor for the next fetch.
 pub const CURSOR_HEADER: &str = "tally-cursor";
 /// Query parameter of the peer route carrying the cursor of the last answer.
 pub const SINCE_PARAM: &str = "since";
+/// Query parameter of the peer route carrying the receiver's [`digest`].
+pub const HAVE_PARAM: &str = "have";
 
 /// A point in one sender process's history: `<epoch>-<seq>` on the wire.
 /// The epoch is random per process, so a restarted sender (whose `seq`
@@ -82,13 +95,47 @@ impl FromStr for Cursor {
 /// The `since` parameter of a peer route query string, if present (empty
 /// when given without a value: "I understand cursors, send everything").
 pub fn since(query: Option<&str>) -> Option<&str> {
+    param(query, SINCE_PARAM)
+}
+
+/// The receiver's digest (`have`) in a peer route query string, if present
+/// and a hex number.
+pub fn have(query: Option<&str>) -> Option<u64> {
+    u64::from_str_radix(param(query, HAVE_PARAM)?, 16).ok()
+}
+
+fn param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?
         .split('&')
         .find_map(|pair| match pair.split_once('=') {
-            Some((SINCE_PARAM, value)) => Some(value),
-            None if pair == SINCE_PARAM => Some(""),
+            Some((key, value)) if key == name => Some(value),
+            None if pair == name => Some(""),
             _ => None,
         })
+}
+
+/// A digest of a state's counters and tombstones (their keys and counts),
+/// independent of their order: two pods that know the same have the same
+/// digest. Not a defence against a forger (a receiver only chooses what it
+/// is sent itself).
+pub fn digest<'a>(
+    entries: impl IntoIterator<Item = &'a Entry>,
+    retired: impl IntoIterator<Item = &'a Retired>,
+) -> u64 {
+    let one = |tag: u8, pod: &str, incarnation: &str, count: u64| {
+        let mut h = DefaultHasher::new();
+        (tag, pod, incarnation, count).hash(&mut h);
+        h.finish()
+    };
+    let counters = entries
+        .into_iter()
+        .map(|e| one(0, &e.pod, &e.incarnation, e.count));
+    let tombstones = retired
+        .into_iter()
+        .map(|r| one(1, &r.pod, &r.incarnation, r.count));
+    counters
+        .chain(tombstones)
+        .fold(0u64, |sum, h| sum.wrapping_add(h))
 }
 
 /// What one answer holds.
@@ -126,16 +173,22 @@ impl Journal {
         }
     }
 
-    /// Builds the answer to a receiver that sent `since` from the sender's
-    /// full current `state` (its own entry included).
-    pub fn answer(&mut self, state: PeerState, since: Option<&str>) -> Answer {
+    /// Builds the answer to a receiver that sent `since` (and the digest of
+    /// what it knows, `have`) from the sender's full current `state` (its
+    /// own entry included).
+    pub fn answer(&mut self, state: PeerState, since: Option<&str>, have: Option<u64>) -> Answer {
         self.record(&state);
-        let base = since
-            .and_then(|s| s.parse::<Cursor>().ok())
-            .filter(|c| c.epoch == self.epoch && c.seq <= self.seq);
         let cursor = Cursor {
             epoch: self.epoch,
             seq: self.seq,
+        };
+        // The receiver knows all this already: everything up to now.
+        let base = if have.is_some_and(|d| d == digest(&state.entries, &state.retired)) {
+            Some(cursor)
+        } else {
+            since
+                .and_then(|s| s.parse::<Cursor>().ok())
+                .filter(|c| c.epoch == self.epoch && c.seq <= self.seq)
         };
         let Some(base) = base else {
             return Answer {
@@ -281,7 +334,7 @@ mod tests {
     fn full_state_without_a_usable_cursor() {
         let mut j = Journal::new(9);
         let full = state(vec![e("tally-0", 5), e("tally-1", 3)], vec![tomb("x-1", 2)]);
-        let first = j.answer(full.clone(), None);
+        let first = j.answer(full.clone(), None, None);
         assert!(!first.delta);
         assert_eq!(first.state, full);
         let c = first.cursor;
@@ -300,7 +353,7 @@ mod tests {
             "junk".to_string(),
             String::new(),
         ] {
-            let a = j.answer(full.clone(), Some(&since));
+            let a = j.answer(full.clone(), Some(&since), None);
             assert!(!a.delta, "{since:?}");
             assert_eq!(a.state, full, "{since:?}");
         }
@@ -310,7 +363,11 @@ mod tests {
     fn a_delta_holds_the_own_entry_and_what_changed() {
         let mut j = Journal::new(5);
         let c0 = j
-            .answer(state(vec![e("tally-0", 5), e("tally-1", 3)], vec![]), None)
+            .answer(
+                state(vec![e("tally-0", 5), e("tally-1", 3)], vec![]),
+                None,
+                None,
+            )
             .cursor;
         // Nothing changed: the own entry only, same cursor; news whole.
         let mut quiet = state(vec![e("tally-0", 5), e("tally-1", 3)], vec![]);
@@ -320,7 +377,7 @@ mod tests {
             addr: None,
         };
         quiet.news = vec![notice.clone()];
-        let a = j.answer(quiet, Some(&c0.to_string()));
+        let a = j.answer(quiet, Some(&c0.to_string()), None);
         assert!(a.delta);
         assert_eq!(pods(&a), [("tally-0".into(), 5)]);
         assert_eq!(a.state.news, [notice]);
@@ -331,7 +388,7 @@ mod tests {
             vec![e("tally-0", 6), e("tally-1", 4), e("tally-2", 1)],
             vec![],
         );
-        let a = j.answer(now.clone(), Some(&c0.to_string()));
+        let a = j.answer(now.clone(), Some(&c0.to_string()), None);
         assert_eq!(
             pods(&a),
             [
@@ -345,14 +402,14 @@ mod tests {
         // A receiver still at c0 gets the same changes again (it may have
         // missed the answer); one at c1 gets nothing new.
         assert_eq!(
-            j.answer(now.clone(), Some(&c0.to_string()))
+            j.answer(now.clone(), Some(&c0.to_string()), None)
                 .state
                 .entries
                 .len(),
             3
         );
         assert_eq!(
-            pods(&j.answer(now, Some(&c1.to_string()))),
+            pods(&j.answer(now, Some(&c1.to_string()), None)),
             [("tally-0".into(), 6)]
         );
     }
@@ -361,13 +418,18 @@ mod tests {
     fn a_retirement_travels_in_the_delta() {
         let mut j = Journal::new(1);
         let c = j
-            .answer(state(vec![e("tally-0", 1), e("tally-1", 2)], vec![]), None)
+            .answer(
+                state(vec![e("tally-0", 1), e("tally-1", 2)], vec![]),
+                None,
+                None,
+            )
             .cursor;
         // tally-1 retired (tally forget): its counter leaves, the tombstone
         // is the change.
         let a = j.answer(
             state(vec![e("tally-0", 1)], vec![tomb("tally-1", 2)]),
             Some(&c.to_string()),
+            None,
         );
         assert_eq!(pods(&a), [("tally-0".into(), 1)]);
         assert_eq!(a.state.retired, [tomb("tally-1", 2)]);
@@ -377,11 +439,13 @@ mod tests {
         let a = j.answer(
             state(vec![e("tally-0", 1)], vec![tomb("tally-1", 3)]),
             Some(&c.to_string()),
+            None,
         );
         assert_eq!(a.state.retired, [tomb("tally-1", 3)]);
         let a = j.answer(
             state(vec![e("tally-0", 1)], vec![tomb("tally-1", 3)]),
             Some(&a.cursor.to_string()),
+            None,
         );
         assert!(a.state.retired.is_empty());
     }
@@ -424,7 +488,7 @@ mod tests {
     /// planted bug can be slipped in. Returns the first difference.
     fn replay(
         steps: &[Step],
-        answer: impl Fn(&mut Journal, PeerState, Option<&str>) -> Answer,
+        answer: impl Fn(&mut Journal, PeerState, Option<&str>, Option<u64>) -> Answer,
     ) -> Result<(), String> {
         let me = Key {
             pod: "tally-9".into(),
@@ -455,7 +519,14 @@ mod tests {
                 Step::Fetch(r, kept) => {
                     let full = full_state(&sender, own);
                     let since = receivers[r].0.map(|c| c.to_string());
-                    let a = answer(&mut journal, full.clone(), since.as_deref());
+                    // Receiver 0 sends no digest; the others send theirs.
+                    let mine = &receivers[r].1;
+                    let have = (r > 0).then(|| {
+                        let entries: Vec<Entry> = mine.entries().collect();
+                        let retired: Vec<Retired> = mine.retired().collect();
+                        digest(&entries, &retired)
+                    });
+                    let a = answer(&mut journal, full.clone(), since.as_deref(), have);
                     if !kept {
                         continue;
                     }
@@ -493,13 +564,13 @@ mod tests {
         fn deltas_merged_in_any_order_equal_the_full_state(
             steps in prop::collection::vec(step(), 1..80)
         ) {
-            prop_assert_eq!(replay(&steps, |j, s, since| j.answer(s, since)), Ok(()));
+            prop_assert_eq!(replay(&steps, |j, s, since, have| j.answer(s, since, have)), Ok(()));
         }
     }
 
     /// Planted bug: the sender reads every cursor as one change later than
     /// it is, so the change right after it is never sent.
-    fn skipping(j: &mut Journal, s: PeerState, since: Option<&str>) -> Answer {
+    fn skipping(j: &mut Journal, s: PeerState, since: Option<&str>, _: Option<u64>) -> Answer {
         let since = since.and_then(|c| c.parse::<Cursor>().ok()).map(|c| {
             Cursor {
                 seq: c.seq + 1,
@@ -507,7 +578,7 @@ mod tests {
             }
             .to_string()
         });
-        j.answer(s, since.as_deref())
+        j.answer(s, since.as_deref(), None)
     }
 
     #[test]
@@ -517,7 +588,10 @@ mod tests {
             Step::Learn(1, 3),
             Step::Fetch(0, true),
         ];
-        assert_eq!(replay(&steps, |j, s, since| j.answer(s, since)), Ok(()));
+        assert_eq!(
+            replay(&steps, |j, s, since, have| j.answer(s, since, have)),
+            Ok(())
+        );
         let caught = replay(&steps, skipping).expect_err("the skipped change is caught");
         assert!(caught.contains("receiver 0"), "{caught}");
     }
@@ -534,10 +608,60 @@ mod tests {
     }
 
     #[test]
+    fn a_digest_depends_on_keys_and_counts_not_order() {
+        let a = [e("tally-0", 1), e("tally-1", 2)];
+        let b = [e("tally-1", 2), e("tally-0", 1)];
+        let none: [Retired; 0] = [];
+        assert_eq!(digest(&a, &none), digest(&b, &none));
+        assert_ne!(
+            digest(&a, &none),
+            digest(&[e("tally-0", 1), e("tally-1", 3)], &none)
+        );
+        assert_ne!(digest(&a, &none), digest(&a[..1], &none));
+        // A tombstone is not the counter it retired.
+        assert_ne!(digest(&a[..1], &[tomb("tally-1", 2)]), digest(&a, &none));
+        assert_eq!(have(Some("since=1-2&have=ff")), Some(255));
+        assert_eq!(have(Some("have=zz")), None);
+    }
+
+    #[test]
+    fn a_matching_digest_answers_the_own_entry_only_whatever_the_cursor() {
+        let mut j = Journal::new(4);
+        let full = state(vec![e("tally-0", 5), e("tally-1", 3)], vec![tomb("x-1", 2)]);
+        let have = digest(&full.entries, &full.retired);
+        let a = j.answer(full.clone(), None, Some(have));
+        assert!(a.delta);
+        assert_eq!(pods(&a), [("tally-0".into(), 5)]);
+        assert!(a.state.retired.is_empty());
+        // The cursor it gets is current: a later change is sent.
+        let more = state(vec![e("tally-0", 5), e("tally-1", 4)], vec![tomb("x-1", 2)]);
+        let b = j.answer(more, Some(&a.cursor.to_string()), Some(have));
+        assert_eq!(pods(&b), [("tally-0".into(), 5), ("tally-1".into(), 4)]);
+    }
+
+    #[test]
+    fn the_property_catches_a_digest_compared_with_itself() {
+        // Planted bug: the sender compares its digest with its own instead
+        // of the receiver's, so any receiver that sends one is told it has
+        // everything.
+        let self_compared =
+            |j: &mut Journal, s: PeerState, since: Option<&str>, have: Option<u64>| {
+                let ours = digest(&s.entries, &s.retired);
+                j.answer(s, since, have.map(|_| ours))
+            };
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let found = runner.run(&prop::collection::vec(step(), 1..80), |steps| {
+            prop_assert_eq!(replay(&steps, self_compared), Ok(()));
+            Ok(())
+        });
+        assert!(found.is_err(), "the property missed the planted digest bug");
+    }
+
+    #[test]
     fn the_replay_catches_a_retirement_left_out() {
         // Planted bug: tombstones are never sent in deltas.
-        let no_tombstones = |j: &mut Journal, s: PeerState, since: Option<&str>| {
-            let mut a = j.answer(s, since);
+        let no_tombstones = |j: &mut Journal, s: PeerState, since: Option<&str>, _| {
+            let mut a = j.answer(s, since, None);
             if a.delta {
                 a.state.retired.clear();
             }
@@ -549,7 +673,10 @@ mod tests {
             Step::Forget(1),
             Step::Fetch(0, true),
         ];
-        assert_eq!(replay(&steps, |j, s, since| j.answer(s, since)), Ok(()));
+        assert_eq!(
+            replay(&steps, |j, s, since, have| j.answer(s, since, have)),
+            Ok(())
+        );
         assert!(replay(&steps, no_tombstones).is_err());
     }
 }

@@ -227,37 +227,19 @@ impl Cluster {
     /// What the peer route answers: this pod's entry, all it knows, and
     /// the retired counters.
     pub fn peer_state(&self) -> PeerState {
-        // The news first: a departure is recorded after its final state was
-        // absorbed, so a state passing on a departure holds that count.
-        let news = self
-            .inner
-            .announced
-            .lock()
-            .expect("poisoned")
-            .news(unix_now_ms());
-        let me = self.inner.my_entry();
-        let key = me.key();
-        let counter = self.inner.counter.lock().expect("poisoned");
-        let mut entries: Vec<Entry> = counter.entries().filter(|e| e.key() != key).collect();
-        entries.push(me.clone());
-        PeerState {
-            pod: me.pod,
-            incarnation: me.incarnation,
-            entries,
-            retired: counter.retired().collect(),
-            announce: None,
-            news,
-        }
+        self.inner.state()
     }
 
-    /// The peer route's answer to a sibling that sent `since` ([`delta`]):
-    /// this pod's entry plus what changed after that cursor, or everything
-    /// for a cursor this process did not issue; and the next cursor.
-    pub fn peer_delta(&self, since: &str) -> (PeerState, Cursor) {
+    /// The peer route's answer to a sibling that sent `since` and the
+    /// digest of what it knows, `have` ([`delta`]): this pod's entry plus
+    /// what changed after that cursor (nothing when the digests match), or
+    /// everything for a cursor this process did not issue; and the next
+    /// cursor.
+    pub fn peer_delta(&self, since: &str, have: Option<u64>) -> (PeerState, Cursor) {
         // One answer at a time: the journal's versions follow the states
         // in the order they are taken.
         let mut journal = self.inner.journal.lock().expect("poisoned");
-        let answer = journal.answer(self.peer_state(), Some(since));
+        let answer = journal.answer(self.peer_state(), Some(since), have);
         (answer.state, answer.cursor)
     }
 
@@ -489,6 +471,26 @@ impl Cluster {
 }
 
 impl Inner {
+    /// What the peer route answers (see [`Cluster::peer_state`]).
+    fn state(&self) -> PeerState {
+        // The news first: a departure is recorded after its final state was
+        // absorbed, so a state passing on a departure holds that count.
+        let news = self.announced.lock().expect("poisoned").news(unix_now_ms());
+        let me = self.my_entry();
+        let key = me.key();
+        let counter = self.counter.lock().expect("poisoned");
+        let mut entries: Vec<Entry> = counter.entries().filter(|e| e.key() != key).collect();
+        entries.push(me.clone());
+        PeerState {
+            pod: me.pod,
+            incarnation: me.incarnation,
+            entries,
+            retired: counter.retired().collect(),
+            announce: None,
+            news,
+        }
+    }
+
     /// After the counter may have changed: the entry gauge, the 80 %
     /// warning, and (when `persist`) a wake-up for the persister.
     fn changed(&self, persist: bool) {
@@ -691,6 +693,10 @@ impl Inner {
     /// Fetches from every sibling among `peers` what changed since its
     /// cursor, at once, each within its limit.
     async fn fetch(&self, peers: &[Peer], deadline: Instant) -> Vec<Fetched> {
+        let have = {
+            let state = self.state();
+            delta::digest(&state.entries, &state.retired)
+        };
         let fetches = self.siblings(peers, deadline).map(|(peer, limit)| {
             let peer = peer.clone();
             let since = self
@@ -705,7 +711,7 @@ impl Inner {
                 let t0 = Instant::now();
                 let result = self
                     .client
-                    .fetch_since(peer.addr, limit, &since)
+                    .fetch_since(peer.addr, limit, &since, have)
                     .await
                     .and_then(|(state, cursor)| {
                         // SRV targets that are addresses are members by the
