@@ -486,19 +486,39 @@ fn helm_test_and_network_policy(c: &Cluster) {
         "a sibling cannot reach the peer port: {inside:?}"
     );
 
-    // A member that does not answer fails the test.
+    // A member that does not answer fails the test: `scripts/cluster test`
+    // (the `tally-sim test` command) prints the report and the pod's log
+    // and exits 1.
     c.request(&Request::Fault {
         fault: Fault::Isolate {
             pod: "tally-2".into(),
         },
     })
     .unwrap();
-    let report = helm_test(c);
+    let out = Command::new(env!("CARGO_BIN_EXE_tally-sim"))
+        .env("TALLY_SIM_HOME", c.state_dir.parent().unwrap())
+        .args(["--name", &c.name, "test"])
+        .output()
+        .unwrap();
     c.request(&Request::Heal).unwrap();
-    assert_eq!(report.runs[0].phase, "Failed", "{report:?}");
-    let log = std::fs::read_to_string(&report.runs[0].log).unwrap();
-    println!("POD LOGS: tally-test\n{log}");
-    assert!(log.contains("not complete"), "{log}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    println!(
+        "$ scripts/cluster test\n{stdout}{stderr}(exit {:?})",
+        out.status.code()
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    for wanted in [
+        "TEST SUITE:     tally-test\n",
+        "Phase:          Failed\n",
+        "POD LOGS: tally-test\n",
+        "the total is not complete",
+    ] {
+        assert!(stdout.contains(wanted), "{wanted:?} missing: {stdout}");
+    }
+    assert!(stderr.contains("* pod tally-test failed"), "{stderr}");
     wait_total(c, "tally-0", 300);
 
     // Enforcement shows: a policy without DNS egress breaks lookups in the
