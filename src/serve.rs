@@ -157,7 +157,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         store: store.clone(),
         cluster: cluster.clone(),
         metrics,
-        timezone: config.timezone.clone(),
+        clock: http::page::Clock::new(config.timezone.clone()),
         peer_token: token,
         peer_gate: PeerGate::default(),
         stopping: AtomicBool::new(false),

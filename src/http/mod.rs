@@ -19,9 +19,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use jiff::Timestamp;
-use jiff::tz::TimeZone;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::metrics::{Metrics, RouteLabels};
@@ -35,8 +33,8 @@ pub struct App {
     pub store: Store,
     pub cluster: Cluster,
     pub metrics: Arc<Metrics>,
-    /// Zone of the time on the page, with its IANA name.
-    pub timezone: (String, TimeZone),
+    /// The time on the page, in its zone.
+    pub clock: page::Clock,
     /// Token the peer routes require, if any.
     pub peer_token: Option<String>,
     /// Admission control of the peer port.
@@ -159,26 +157,52 @@ fn number_or_json(text: bool, n: u64, json: serde_json::Value) -> Response {
     }
 }
 
+/// `GET /` as JSON.
+#[derive(Serialize)]
+struct VisitJson<'a> {
+    pod: &'a str,
+    incarnation: &'a str,
+    count: u64,
+    time: &'a str,
+    timezone: &'a str,
+    cluster: ClusterJson,
+}
+
+#[derive(Serialize)]
+struct ClusterJson {
+    total: u64,
+    complete: bool,
+    members: usize,
+}
+
 /// Takes the request itself, not a `HeaderMap`: that extractor clones every
-/// header, on the path every counted visit takes.
+/// header, on the path every counted visit takes. The cluster part comes
+/// from the last snapshot with this visit's count patched in, never from a
+/// view built per visit.
 async fn visit(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
     let headers = request.headers();
     let count = app.store.visit().await?;
-    let cluster = app.cluster.cached_total();
-    let time = page::local_time(Timestamp::now(), &app.timezone);
+    let cluster = app.cluster.snapshot();
+    let total = cluster.total_with(count);
+    app.metrics.total.set(total as i64);
+    let time = app.clock.now();
     let json = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/json"));
     Ok(if json {
-        axum::Json(serde_json::json!({
-            "pod": app.pod,
-            "incarnation": app.store.incarnation(),
-            "count": count,
-            "time": time,
-            "timezone": app.timezone.0,
-            "cluster": {"total": cluster.total, "complete": cluster.complete, "members": cluster.members},
-        }))
+        axum::Json(VisitJson {
+            pod: &app.pod,
+            incarnation: app.store.incarnation(),
+            count,
+            time: &time,
+            timezone: app.clock.zone_name(),
+            cluster: ClusterJson {
+                total,
+                complete: cluster.view.complete,
+                members: cluster.view.members,
+            },
+        })
         .into_response()
     } else {
         let html = app.page.render(&page::Visit {
@@ -187,7 +211,11 @@ async fn visit(State(app): State<Arc<App>>, request: Request) -> Result<Response
             time: &time,
             cluster: &cluster,
         });
-        ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
+        (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            Body::new(html),
+        )
+            .into_response()
     })
 }
 

@@ -2,22 +2,32 @@
 //! lines of JS; no external assets), so it works offline and behind strict
 //! egress rules, on a phone and in dark mode.
 //!
-//! `GET /` is the hot path, so everything that does not change between
-//! requests (the markup, the style, the script, the escaped pod name) is
-//! rendered once into a [`Template`] at start-up; a request only writes the
-//! numbers and the per-pod rows into one pre-sized buffer.
+//! `GET /` is the hot path, so what does not change between requests is
+//! prepared once: the markup, style and script around the numbers (the
+//! escaped pod name in them) into shared buffers of a [`Template`] at
+//! start-up, sent as they are; the cluster card's markup once per
+//! [`Snapshot`] (a round or a change of what is known), with holes for the
+//! numbers that move with this pod's count; the local time once a second
+//! ([`Clock`]). A request writes only the numbers into a small buffer.
 //!
 //! The cluster card refreshes itself: the script polls `/visits/total`
 //! (which never counts a visit) and redraws the total, the state line and
 //! the bars with the same markup the server writes, so a reload is never
 //! needed to see the cluster move.
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
-use crate::peers::wire::TotalView;
+use crate::peers::view::Snapshot;
+use crate::peers::wire::{PodView, Source, TotalView};
 
 /// How often the page's script polls `/visits/total`, in milliseconds.
 pub const REFRESH_MS: u32 = 5000;
@@ -39,6 +49,43 @@ pub fn local_time(now: Timestamp, timezone: &(String, TimeZone)) -> String {
         zoned.strftime("%Y-%m-%d %H:%M:%S %Z"),
         timezone.0
     )
+}
+
+/// The local time as the page shows it, formatted at most once a second.
+#[derive(Debug)]
+pub struct Clock {
+    /// The zone's IANA name and the zone.
+    zone: (String, TimeZone),
+    /// The second last formatted, and how it reads.
+    last: Mutex<(i64, Arc<str>)>,
+}
+
+impl Clock {
+    pub fn new(zone: (String, TimeZone)) -> Clock {
+        Clock {
+            zone,
+            last: Mutex::new((i64::MIN, Arc::from(""))),
+        }
+    }
+
+    /// The zone's IANA name.
+    pub fn zone_name(&self) -> &str {
+        &self.zone.0
+    }
+
+    /// Now, as [`local_time`] writes it.
+    pub fn now(&self) -> Arc<str> {
+        self.at(Timestamp::now())
+    }
+
+    fn at(&self, now: Timestamp) -> Arc<str> {
+        let second = now.as_second();
+        let mut last = self.last.lock().expect("poisoned");
+        if last.0 != second {
+            *last = (second, local_time(now, &self.zone).into());
+        }
+        last.1.clone()
+    }
 }
 
 /// The state line of the cluster card: whether every member answered.
@@ -72,22 +119,115 @@ pub struct Visit<'a> {
     /// The number of the visit just counted: this pod's count.
     pub count: u64,
     pub time: &'a str,
-    pub cluster: &'a TotalView,
+    pub cluster: &'a Arc<Snapshot>,
 }
 
 /// The page with its fixed parts rendered once.
 #[derive(Debug)]
 pub struct Template {
     /// Up to the local time.
-    head: String,
-    /// From the time to this pod's count.
-    before_count: &'static str,
-    /// From this pod's count to its unit.
-    after_count: &'static str,
-    /// Between the incarnation and the cluster card's state attribute.
-    before_cluster: &'static str,
+    head: Bytes,
     /// From the end of the rows to the end of the document.
-    tail: String,
+    tail: Bytes,
+    /// The cluster card of the last snapshot shown.
+    card: Mutex<Option<(Arc<Snapshot>, Arc<Card>)>>,
+}
+
+/// From the time to this pod's count.
+const BEFORE_COUNT: &str =
+    "</span></p>\n<section class=\"card\"><h2>This pod</h2><div class=\"big\" id=\"local\">";
+/// From this pod's count to its unit.
+const AFTER_COUNT: &str = "</div>\n<div class=\"muted\"><span id=\"local-unit\">";
+/// From the count's unit to the incarnation.
+const BEFORE_INCARNATION: &str = " counted here</span> · volume <code>";
+/// From the incarnation to the cluster card's state attribute.
+const BEFORE_CLUSTER: &str =
+    "</code></span></div></section>\n<section class=\"card\" id=\"cluster\" data-complete=\"";
+/// From the cluster total to its unit.
+const AFTER_TOTAL: &str = "</div>\n<div class=\"muted\"><span id=\"total-unit\">";
+
+/// The cluster card of one [`Snapshot`], with holes for the numbers that
+/// move with this pod's count: the total, and in the rows this pod's count
+/// and every bar's width (scaled to the largest count).
+#[derive(Debug)]
+struct Card {
+    /// From the state attribute to the total.
+    open: String,
+    /// From the total's unit to the first row.
+    members: String,
+    rows: Vec<Row>,
+    /// About what a request writes, to size its buffer once.
+    size: usize,
+}
+
+/// One row: `parts[0]` count `parts[1]` width `parts[2]` count `parts[3]`.
+#[derive(Debug)]
+struct Row {
+    /// This pod's running counter: its count is the visit's.
+    own: bool,
+    count: u64,
+    parts: [String; 4],
+}
+
+impl Card {
+    fn new(view: &TotalView) -> Card {
+        let mut open = String::from(if view.complete { "true" } else { "false" });
+        open.push_str("\"><h2>Whole cluster</h2>\n<div class=\"big\" id=\"total\">");
+        let mut members = String::from("</span> across <span id=\"members\">");
+        members.push_str(&plural(view.members as u64, "member"));
+        members.push_str("</span></div>\n<p class=\"state\" id=\"state\">");
+        push_escaped(&mut members, &state_line(view));
+        members.push_str("</p>\n<div class=\"rows\" id=\"rows\">");
+        let rows = view
+            .pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Row::new(p, i == 0 && p.source == Source::Own))
+            .collect();
+        let rows: Vec<Row> = rows;
+        let size = 600
+            + open.len()
+            + members.len()
+            + rows
+                .iter()
+                .map(|r| r.parts.iter().map(String::len).sum::<usize>() + 60)
+                .sum::<usize>();
+        Card {
+            open,
+            members,
+            rows,
+            size,
+        }
+    }
+}
+
+impl Row {
+    /// A name, an SVG bar scaled to the largest count, the count, and where
+    /// the number comes from.
+    fn new(p: &PodView, own: bool) -> Row {
+        let source = p.source.as_str();
+        let mut head = format!("<div class=\"row {source}\" data-pod=\"");
+        push_escaped(&mut head, &p.pod);
+        head.push_str("\" data-count=\"");
+        let mut name = String::from("\"><span class=\"pod\">");
+        push_escaped(&mut name, &p.pod);
+        name.push_str(
+            "</span><svg class=\"bar\" viewBox=\"0 0 100 10\" preserveAspectRatio=\"none\" \
+             aria-hidden=\"true\"><rect width=\"",
+        );
+        let bar = "\" height=\"10\" rx=\"1\"/></svg><span class=\"n\">".to_string();
+        let mut why = format!("</span><span class=\"why\">{source}");
+        if let Some(error) = &p.error {
+            why.push_str(": ");
+            push_escaped(&mut why, error);
+        }
+        why.push_str("</span></div>");
+        Row {
+            own,
+            count: p.count,
+            parts: [head, name, bar, why],
+        }
+    }
 }
 
 const STYLE: &str = r#"<style>
@@ -179,80 +319,147 @@ impl Template {
             SCRIPT.replace("__REFRESH__", &REFRESH_MS.to_string())
         );
         Template {
-            head,
-            before_count: "</span></p>\n<section class=\"card\"><h2>This pod</h2><div class=\"big\" id=\"local\">",
-            after_count: "</div>\n<div class=\"muted\"><span id=\"local-unit\">",
-            before_cluster: "</span></div></section>\n<section class=\"card\" id=\"cluster\" data-complete=\"",
-            tail,
+            head: Bytes::from(head),
+            tail: Bytes::from(tail),
+            card: Mutex::new(None),
         }
     }
 
-    /// The page for one visit.
-    pub fn render(&self, visit: &Visit<'_>) -> String {
-        let view = visit.cluster;
-        let mut out =
-            String::with_capacity(self.head.len() + self.tail.len() + 900 + 450 * view.pods.len());
-        out.push_str(&self.head);
+    /// The page for one visit: the fixed head, the numbers, the fixed tail.
+    pub fn render(&self, visit: &Visit<'_>) -> PageBody {
+        let card = self.card(visit.cluster);
+        let count = visit.count;
+        let total = visit.cluster.total_with(count);
+        let mut out = String::with_capacity(card.size);
         push_escaped(&mut out, visit.time);
-        out.push_str(self.before_count);
-        let _ = write!(out, "{}", visit.count);
-        out.push_str(self.after_count);
-        out.push_str(if visit.count == 1 { "visit" } else { "visits" });
-        out.push_str(" counted here</span> · volume <code>");
+        out.push_str(BEFORE_COUNT);
+        push_u64(&mut out, count);
+        out.push_str(AFTER_COUNT);
+        out.push_str(if count == 1 { "visit" } else { "visits" });
+        out.push_str(BEFORE_INCARNATION);
         push_escaped(&mut out, visit.incarnation);
-        out.push_str("</code>");
-        out.push_str(self.before_cluster);
-        out.push_str(if view.complete { "true" } else { "false" });
-        out.push_str("\"><h2>Whole cluster</h2>\n<div class=\"big\" id=\"total\">");
-        let _ = write!(out, "{}", view.total);
-        out.push_str("</div>\n<div class=\"muted\"><span id=\"total-unit\">");
-        out.push_str(if view.total == 1 { "visit" } else { "visits" });
-        out.push_str("</span> across <span id=\"members\">");
-        out.push_str(&plural(view.members as u64, "member"));
-        out.push_str("</span></div>\n<p class=\"state\" id=\"state\">");
-        push_escaped(&mut out, &state_line(view));
-        out.push_str("</p>\n<div class=\"rows\" id=\"rows\">");
-        Self::write_rows(&mut out, view);
-        out.push_str(&self.tail);
-        out
+        out.push_str(BEFORE_CLUSTER);
+        out.push_str(&card.open);
+        push_u64(&mut out, total);
+        out.push_str(AFTER_TOTAL);
+        out.push_str(if total == 1 { "visit" } else { "visits" });
+        out.push_str(&card.members);
+        let counts = || {
+            card.rows
+                .iter()
+                .map(|r| if r.own { count } else { r.count })
+        };
+        let max = counts().max().unwrap_or(0).max(1);
+        for (row, n) in card.rows.iter().zip(counts()) {
+            out.push_str(&row.parts[0]);
+            push_u64(&mut out, n);
+            out.push_str(&row.parts[1]);
+            let _ = write!(out, "{:.1}", n as f64 / max as f64 * 100.0);
+            out.push_str(&row.parts[2]);
+            push_u64(&mut out, n);
+            out.push_str(&row.parts[3]);
+        }
+        PageBody {
+            parts: [self.head.clone(), Bytes::from(out), self.tail.clone()],
+            next: 0,
+        }
     }
 
-    /// One row per counter: name, an SVG bar scaled to the largest count,
-    /// the count, and where the number comes from.
-    fn write_rows(out: &mut String, view: &TotalView) {
-        let max = view.pods.iter().map(|p| p.count).max().unwrap_or(0).max(1);
-        for p in &view.pods {
-            let source = p.source.as_str();
-            let _ = write!(out, "<div class=\"row {source}\" data-pod=\"");
-            push_escaped(out, &p.pod);
-            let _ = write!(out, "\" data-count=\"{}\"><span class=\"pod\">", p.count);
-            push_escaped(out, &p.pod);
-            let _ = write!(
-                out,
-                "</span><svg class=\"bar\" viewBox=\"0 0 100 10\" preserveAspectRatio=\"none\" aria-hidden=\"true\">\
-                 <rect width=\"{:.1}\" height=\"10\" rx=\"1\"/></svg><span class=\"n\">{}</span><span class=\"why\">{source}",
-                p.count as f64 / max as f64 * 100.0,
-                p.count
-            );
-            if let Some(error) = &p.error {
-                out.push_str(": ");
-                push_escaped(out, error);
+    /// The card of `snapshot`, built the first time it is shown.
+    fn card(&self, snapshot: &Arc<Snapshot>) -> Arc<Card> {
+        let mut cached = self.card.lock().expect("poisoned");
+        match &*cached {
+            Some((shown, card)) if Arc::ptr_eq(shown, snapshot) => card.clone(),
+            _ => {
+                let card = Arc::new(Card::new(&snapshot.view));
+                *cached = Some((snapshot.clone(), card.clone()));
+                card
             }
-            out.push_str("</span></div>");
         }
     }
 }
 
-fn push_escaped(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
+/// The page as a response body: the shared head and tail around the
+/// request's own part, handed to the socket as they are (no copy into one
+/// buffer); its exact length makes the `Content-Length`.
+#[derive(Debug)]
+pub struct PageBody {
+    parts: [Bytes; 3],
+    next: usize,
+}
+
+impl PageBody {
+    /// The whole page (tests).
+    #[cfg(test)]
+    pub(crate) fn text(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| std::str::from_utf8(p).unwrap())
+            .collect()
+    }
+}
+
+impl Body for PageBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        while self.next < self.parts.len() {
+            let i = self.next;
+            self.next += 1;
+            let part = std::mem::take(&mut self.parts[i]);
+            if !part.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(part))));
+            }
+        }
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts[self.next..].iter().all(Bytes::is_empty)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.parts[self.next..].iter().map(|p| p.len() as u64).sum())
+    }
+}
+
+/// Writes `n` in decimal (without the formatting machinery: it runs
+/// several times per visit).
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
+    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+}
+
+/// Appends `s` with `&`, `<`, `>` and `"` escaped; copies the runs
+/// between them whole (most strings have none).
+fn push_escaped(out: &mut String, s: &str) {
+    let mut from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let entity = match b {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            _ => continue,
+        };
+        out.push_str(&s[from..i]);
+        out.push_str(entity);
+        from = i + 1;
+    }
+    out.push_str(&s[from..]);
 }
 
 fn escape(s: &str) -> String {
@@ -274,13 +481,19 @@ mod tests {
         TotalView::test(complete, pods)
     }
 
+    /// The page `pod` shows for its visit number `count`, with `cluster`
+    /// as the snapshot (its first row this pod's, at `count`).
     fn page(pod: &str, count: u64, cluster: &TotalView) -> String {
-        Template::new(pod).render(&Visit {
-            incarnation: "abc",
-            count,
-            time: "2026-01-01 09:00:00 JST (Asia/Tokyo)",
-            cluster,
-        })
+        let own = cluster.pods.first().map_or(0, |p| p.count);
+        let snapshot = Arc::new(Snapshot::new(cluster.clone(), own, 0));
+        Template::new(pod)
+            .render(&Visit {
+                incarnation: "abc",
+                count,
+                time: "2026-01-01 09:00:00 JST (Asia/Tokyo)",
+                cluster: &snapshot,
+            })
+            .text()
     }
 
     #[test]
@@ -404,6 +617,97 @@ mod tests {
         // An empty cluster view still renders (no division by zero).
         let html = page("tally-0", 0, &view(true, vec![]));
         assert!(html.contains("id=\"rows\"></div>"));
+    }
+
+    /// One card per snapshot, and this pod's count patched into it on every
+    /// visit: its row, the bars (it may become the largest) and the total.
+    #[test]
+    fn a_snapshot_card_is_patched_with_each_visits_count() {
+        let cluster = view(
+            false,
+            vec![
+                row("tally-0", 10, Source::Own, None),
+                row("tally-1", 20, Source::Live, None),
+            ],
+        );
+        let template = Template::new("tally-0");
+        let snapshot = Arc::new(Snapshot::new(cluster, 10, 0));
+        let render = |count| {
+            template
+                .render(&Visit {
+                    incarnation: "abc",
+                    count,
+                    time: "t",
+                    cluster: &snapshot,
+                })
+                .text()
+        };
+        let html = render(10);
+        assert!(html.contains("data-pod=\"tally-0\" data-count=\"10\""));
+        assert!(html.contains("<rect width=\"50.0\""), "{html}");
+        assert!(html.contains("id=\"total\">30</div>"));
+        let html = render(40);
+        assert!(html.contains("data-pod=\"tally-0\" data-count=\"40\""));
+        assert!(html.contains("<span class=\"n\">40</span>"));
+        assert!(html.contains("<rect width=\"100.0\""), "{html}");
+        assert!(html.contains("<rect width=\"50.0\""), "tally-1 is now half");
+        assert!(html.contains("id=\"total\">60</div>"));
+        assert!(html.contains("id=\"local\">40</div>"));
+        let first = template.card(&snapshot);
+        assert!(Arc::ptr_eq(&first, &template.card(&snapshot)), "built once");
+        let next = Arc::new(Snapshot::new(view(true, vec![]), 0, 0));
+        assert!(
+            !Arc::ptr_eq(&first, &template.card(&next)),
+            "rebuilt for a new one"
+        );
+    }
+
+    #[test]
+    fn the_body_is_the_whole_page_with_its_exact_length() {
+        let snapshot = Arc::new(Snapshot::new(view(true, vec![]), 0, 0));
+        let body = Template::new("tally-0").render(&Visit {
+            incarnation: "abc",
+            count: 7,
+            time: "t",
+            cluster: &snapshot,
+        });
+        let text = body.text();
+        assert!(text.starts_with("<!doctype html>") && text.ends_with("</html>\n"));
+        assert_eq!(body.size_hint().exact(), Some(text.len() as u64));
+        let collected = futures::executor::block_on(http_body_util::BodyExt::collect(body))
+            .unwrap()
+            .to_bytes();
+        assert_eq!(collected, text.as_bytes());
+    }
+
+    #[test]
+    fn the_clock_formats_each_second_once() {
+        let clock = Clock::new(("UTC".to_string(), TimeZone::UTC));
+        let t0: Timestamp = "2026-01-01T00:00:00.1Z".parse().unwrap();
+        let first = clock.at(t0);
+        assert_eq!(&*first, "2026-01-01 00:00:00 UTC (UTC)");
+        let same = clock.at("2026-01-01T00:00:00.9Z".parse().unwrap());
+        assert!(Arc::ptr_eq(&first, &same));
+        assert_eq!(
+            &*clock.at("2026-01-01T00:00:01Z".parse().unwrap()),
+            "2026-01-01 00:00:01 UTC (UTC)"
+        );
+    }
+
+    #[test]
+    fn escaping_copies_runs_and_replaces_each_special_character() {
+        assert_eq!(escape(""), "");
+        assert_eq!(escape("plain-0"), "plain-0");
+        assert_eq!(
+            escape("<a href=\"x\">&é</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;é&lt;/a&gt;"
+        );
+        let mut n = String::new();
+        for v in [0, 7, 10, 1234567890, u64::MAX] {
+            n.clear();
+            push_u64(&mut n, v);
+            assert_eq!(n, v.to_string());
+        }
     }
 
     #[test]

@@ -48,7 +48,7 @@ use delta::{Cursor, Journal};
 use persist::PeersFile;
 pub use persist::{PEERS_FILE, PeersError, load_peers};
 use rounds::{Joined, Rounds};
-use view::{Outcome, Round};
+use view::{Outcome, Round, Snapshot};
 use wire::{MAX_ENTRIES, PeerState, Retired, TotalView};
 
 /// Fan-out limits.
@@ -96,6 +96,9 @@ struct Inner {
     counter: Mutex<Counter>,
     /// The last finished round.
     last: Mutex<Arc<Round>>,
+    /// The view the page shows, built once per round or change of
+    /// `counter` (`None` until asked for again).
+    snapshot: Mutex<Option<Arc<Snapshot>>>,
     /// Wakes the persister when `counter` changed.
     changed: Notify,
     /// The only writer of `peers.state`.
@@ -155,6 +158,7 @@ impl Cluster {
             limits,
             counter: Mutex::new(counter),
             last: Mutex::new(Arc::new(Round::default())),
+            snapshot: Mutex::new(None),
             changed: Notify::new(),
             file: PeersFile::new(data_dir),
             crowded: AtomicBool::new(false),
@@ -170,6 +174,7 @@ impl Cluster {
                 async move {
                     let round = Arc::new(inner.run_round().await);
                     *inner.last.lock().expect("poisoned") = round.clone();
+                    inner.stale();
                     round
                 }
             }
@@ -180,7 +185,7 @@ impl Cluster {
             .inner
             .metrics
             .total
-            .set(cluster.cached_total().total as i64);
+            .set(cluster.snapshot().view.total as i64);
         Ok(cluster)
     }
 
@@ -214,14 +219,26 @@ impl Cluster {
         self.view(&round)
     }
 
-    /// The last known view, without any network I/O (for the page). Never
-    /// `complete` in a cluster: its round started before the request did,
-    /// so it may miss visits acknowledged since (design.md §4).
-    pub fn cached_total(&self) -> TotalView {
+    /// The last known view, without any network I/O (for the page), built
+    /// once per round or change of what is known; the page patches this
+    /// pod's own count in ([`Snapshot::total_with`]). Never `complete` in
+    /// a cluster: its round started before the request did, so it may miss
+    /// visits acknowledged since (design.md §4).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        let mut cached = self.inner.snapshot.lock().expect("poisoned");
+        if let Some(snapshot) = &*cached {
+            return snapshot.clone();
+        }
         let round = self.inner.last.lock().expect("poisoned").clone();
-        let mut view = self.view(&round);
+        let me = self.inner.my_entry();
+        let counter = self.inner.counter.lock().expect("poisoned");
+        let mut view = view::view(&counter, &round, &me, unix_now());
+        let own_elsewhere = counter.get(&me.key()).map_or(0, |known| known.count);
+        drop(counter);
         view.complete &= self.inner.discovery.is_none();
-        view
+        let snapshot = Arc::new(Snapshot::new(view, me.count, own_elsewhere));
+        *cached = Some(snapshot.clone());
+        snapshot
     }
 
     /// What the peer route answers: this pod's entry, all it knows, and
@@ -494,6 +511,7 @@ impl Inner {
     /// After the counter may have changed: the entry gauge, the 80 %
     /// warning, and (when `persist`) a wake-up for the persister.
     fn changed(&self, persist: bool) {
+        self.stale();
         let len = self.counter.lock().expect("poisoned").len();
         self.metrics.entries.set(len as i64);
         let crowded = len * 5 >= MAX_ENTRIES * 4;
@@ -509,6 +527,11 @@ impl Inner {
         if persist {
             self.changed.notify_one();
         }
+    }
+
+    /// The page's snapshot no longer shows what is known.
+    fn stale(&self) {
+        *self.snapshot.lock().expect("poisoned") = None;
     }
 
     fn refused(&self, reason: &'static str) {

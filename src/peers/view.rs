@@ -161,6 +161,38 @@ pub fn view(counter: &Counter, round: &Round, me: &Entry, now: u64) -> TotalView
     }
 }
 
+/// A view built once (per round, or when what is known changed) for the
+/// page, which shows it on every visit with this pod's own count patched in:
+/// building a view costs a pass over every counter, patching two numbers.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Row 0 is this pod's own counter, at its count when built.
+    pub view: TotalView,
+    /// The total without this pod's running counter.
+    others: u64,
+    /// What others know of this pod's running counter (it counts in the
+    /// total only where it is above the pod's own count).
+    own_elsewhere: u64,
+}
+
+impl Snapshot {
+    /// `view` was built with this pod's count at `own`; `own_elsewhere` is
+    /// what the counter knows of this pod's running key (0 if nothing).
+    pub fn new(view: TotalView, own: u64, own_elsewhere: u64) -> Snapshot {
+        Snapshot {
+            others: view.total.saturating_sub(own.max(own_elsewhere)),
+            own_elsewhere,
+            view,
+        }
+    }
+
+    /// The total with this pod's own count at `own` (the visit just
+    /// counted), as [`view`] would compute it.
+    pub fn total_with(&self, own: u64) -> u64 {
+        self.others.saturating_add(own.max(self.own_elsewhere))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,5 +345,29 @@ mod tests {
         assert_eq!(view(&c, &Round::default(), &me, 0).total, 5);
         c.merge(&[e("t-0", "m", 9)]);
         assert_eq!(view(&c, &Round::default(), &me, 0).total, 9);
+    }
+
+    /// The page patches its own count into a snapshot: the total must be
+    /// the one a fresh view gives, whether others know this pod's counter
+    /// below, at or above its own count.
+    #[test]
+    fn a_snapshot_patched_with_the_own_count_totals_like_a_fresh_view() {
+        for known in [None, Some(3), Some(9)] {
+            let mut c = Counter::default();
+            c.merge(&[e("t-1", "b", 7), e("t-0", "old", 2)]);
+            if let Some(n) = known {
+                c.merge(&[e("t-0", "m", n)]);
+            }
+            let built = view(&c, &Round::default(), &e("t-0", "m", 5), 0);
+            let snapshot = Snapshot::new(built, 5, known.unwrap_or(0));
+            for own in 0..15 {
+                let fresh = view(&c, &Round::default(), &e("t-0", "m", own), 0);
+                assert_eq!(
+                    snapshot.total_with(own),
+                    fresh.total,
+                    "known {known:?}, own {own}"
+                );
+            }
+        }
     }
 }
