@@ -273,14 +273,17 @@ async fn the_total_survives_a_full_restart() {
     pods.visit(1, 2).await;
     pods.visit(2, 3).await;
     assert_eq!(pods.total(0).await.0["total"], 6);
+    let peer_addr = pods.pod(0).peer_addr;
     for slot in &mut pods.pods {
         slot.take()
             .unwrap()
             .terminate(Duration::from_secs(10))
             .unwrap();
     }
-    // Only tally-0 is back; its siblings are still down (their records stay).
-    pods.pods[0] = Some(pods.launch(0));
+    // Only tally-0 is back, at the address DNS lists for it (a pod that
+    // reaches no sibling serves once DNS lists it there); its siblings are
+    // still down (their records stay).
+    pods.pods[0] = Some(Tally::start(&pods.options(0).peer_listen(peer_addr)).unwrap());
     let (view, _) = pods.total(0).await;
     assert_eq!(
         view["total"], 6,

@@ -354,9 +354,9 @@ impl Cluster {
                     ..self.peer_state()
                 })
                 .await;
-            // DNS listing this pod is as good: siblings see it within their
-            // resolver's cache time, and fail (incomplete) if they cannot
-            // reach it. So is an answer with nobody else in it.
+            // DNS listing this pod at its address is as good: siblings see
+            // it within their resolver's cache time, and fail (incomplete)
+            // if they cannot reach it. So is an answer with nobody else.
             if told.took > 0 || told.listed || (told.siblings == 0 && !told.dns_failed) {
                 tracing::info!(%addr, siblings = told.took, "announced to the siblings");
                 return;
@@ -453,7 +453,7 @@ impl Cluster {
             took: results.iter().filter(|(_, r)| r.is_ok()).count(),
             siblings: results.len(),
             dns_failed: members.failed,
-            listed: !members.failed && members.peers.iter().any(|p| self.inner.is_me(p)),
+            listed: !members.failed && members.peers.iter().any(|p| self.inner.is_my_address(p)),
         }
     }
 
@@ -835,9 +835,11 @@ impl Inner {
     /// This pod, by name or, when the SRV target names an address, by its
     /// peer address (a pod never calls itself).
     fn is_me(&self, peer: &Peer) -> bool {
-        if peer.pod == self.pod {
-            return true;
-        }
+        peer.pod == self.pod || self.is_my_address(peer)
+    }
+
+    /// Whether `peer`'s address is this pod's peer route.
+    fn is_my_address(&self, peer: &Peer) -> bool {
         let Some(mine) = self.addr.get() else {
             return false;
         };
@@ -948,7 +950,9 @@ struct Told {
     /// DNS failed (no answer in time, or an error beside the last known
     /// members).
     dns_failed: bool,
-    /// DNS answered and lists this pod.
+    /// DNS answered and lists this pod at its own address (a cached answer
+    /// with its name at a former address does not count: siblings reach
+    /// nobody there, and may take the pod for departed).
     listed: bool,
 }
 
