@@ -44,15 +44,16 @@ pub struct Announced {
 impl Announced {
     /// `pod` says itself it answers at `addr`: newer than anything heard.
     pub fn record(&mut self, pod: &str, addr: SocketAddr, now_ms: u64) {
-        self.first_hand(pod, Some(addr), now_ms);
+        self.first_hand(pod, Some(addr), false, now_ms);
     }
 
-    /// `pod` handed its final state over on its way out.
-    pub fn depart(&mut self, pod: &str, now_ms: u64) {
-        self.first_hand(pod, None, now_ms);
+    /// `pod` handed its final state over on its way out from `addr` (when
+    /// it said).
+    pub fn depart(&mut self, pod: &str, addr: Option<SocketAddr>, now_ms: u64) {
+        self.first_hand(pod, addr, true, now_ms);
     }
 
-    fn first_hand(&mut self, pod: &str, addr: Option<SocketAddr>, now_ms: u64) {
+    fn first_hand(&mut self, pod: &str, addr: Option<SocketAddr>, left: bool, now_ms: u64) {
         // Newer than what was heard of it before, whoever's clock that was.
         let at_ms = self
             .news
@@ -64,6 +65,7 @@ impl Announced {
                 pod: pod.to_string(),
                 at_ms,
                 addr,
+                left,
             },
         );
     }
@@ -97,11 +99,14 @@ impl Announced {
         self.news.values().cloned().collect()
     }
 
-    /// Whether the newest word of `pod` is that it left (handed its final
-    /// state over).
-    pub fn has_departed(&mut self, pod: &str, now_ms: u64) -> bool {
+    /// Whether the newest word of `pod`, listed at `at`, is that it left
+    /// (handed its final state over) from there. Listed at another address
+    /// it is a new pod of that name that may count visits: not departed.
+    pub fn has_departed(&mut self, pod: &str, at: SocketAddr, now_ms: u64) -> bool {
         self.news.retain(|_, n| !expired(n, now_ms));
-        self.news.get(pod).is_some_and(|n| n.addr.is_none())
+        self.news
+            .get(pod)
+            .is_some_and(|n| n.left && n.addr.is_none_or(|from| from == at))
     }
 
     /// Adds the announced members to `peers` (DNS's answer): those DNS
@@ -109,7 +114,7 @@ impl Announced {
     /// announced one (first-hand and newer than a cached answer).
     pub fn add_to(&mut self, peers: &mut Vec<Peer>, now_ms: u64) {
         self.news.retain(|_, n| !expired(n, now_ms));
-        for n in self.news.values() {
+        for n in self.news.values().filter(|n| !n.left) {
             let Some(addr) = n.addr else { continue };
             match peers.iter_mut().find(|p| p.pod == n.pod) {
                 Some(peer) => peer.addr = addr,
@@ -177,16 +182,36 @@ mod tests {
     #[test]
     fn a_departed_pod_is_known_gone_until_it_announces_again() {
         let t0 = 1_000_000;
+        let at: SocketAddr = "10.0.0.13:8081".parse().unwrap();
         let mut announced = Announced::default();
-        announced.depart("tally-3", t0);
-        assert!(announced.has_departed("tally-3", t0 + 1000));
-        assert!(!announced.has_departed("tally-2", t0));
+        announced.depart("tally-3", Some(at), t0);
+        assert!(announced.has_departed("tally-3", at, t0 + 1000));
+        assert!(!announced.has_departed("tally-2", at, t0));
         // Within the same millisecond, the later word still wins.
-        announced.record("tally-3", "10.0.0.13:8081".parse().unwrap(), t0);
-        assert!(!announced.has_departed("tally-3", t0));
-        announced.depart("tally-3", t0);
-        assert!(announced.has_departed("tally-3", t0));
-        assert!(!announced.has_departed("tally-3", t0 + 2 + FOR));
+        announced.record("tally-3", at, t0);
+        assert!(!announced.has_departed("tally-3", at, t0));
+        announced.depart("tally-3", Some(at), t0);
+        assert!(announced.has_departed("tally-3", at, t0));
+        assert!(!announced.has_departed("tally-3", at, t0 + 2 + FOR));
+    }
+
+    /// The 100-round chaos run: tally-0 handed over on its way out of an
+    /// upgrade; its successor at a new address reached no sibling, and was
+    /// later cut off. Listed at the new address, it is not the pod that
+    /// left: a sibling that cannot reach it must not call totals complete.
+    #[test]
+    fn a_pod_listed_elsewhere_than_it_left_from_is_not_departed() {
+        let t0 = 1_000_000;
+        let old: SocketAddr = "10.0.0.10:8081".parse().unwrap();
+        let new: SocketAddr = "10.0.0.20:8081".parse().unwrap();
+        let mut announced = Announced::default();
+        announced.depart("tally-0", Some(old), t0);
+        assert!(announced.has_departed("tally-0", old, t0 + 1000));
+        assert!(!announced.has_departed("tally-0", new, t0 + 1000));
+        // Departed pods are never added as members, wherever they left.
+        let mut members = vec![peer("tally-1", "10.0.0.11:8081")];
+        announced.add_to(&mut members, t0 + 1000);
+        assert_eq!(members.len(), 1);
     }
 
     #[test]
@@ -244,7 +269,7 @@ mod tests {
         let mut heard_announce = Announced::default();
         heard_announce.record("tally-3", addr, t0);
         let mut heard_departure = Announced::default();
-        heard_departure.depart("tally-3", t0 + 5000);
+        heard_departure.depart("tally-3", Some(addr), t0 + 5000);
         // The old announce does not bring a departed pod back.
         let old = heard_announce.news(t0 + 6000);
         assert!(
@@ -252,11 +277,11 @@ mod tests {
                 .learn(&old, "tally-0", any, t0 + 6000)
                 .is_empty()
         );
-        assert!(heard_departure.has_departed("tally-3", t0 + 6000));
+        assert!(heard_departure.has_departed("tally-3", addr, t0 + 6000));
         // The departure replaces the announce where it arrives.
         let newer = heard_departure.news(t0 + 6000);
         heard_announce.learn(&newer, "tally-1", any, t0 + 6000);
-        assert!(heard_announce.has_departed("tally-3", t0 + 6000));
+        assert!(heard_announce.has_departed("tally-3", addr, t0 + 6000));
         let mut members = vec![peer("tally-0", "10.0.0.10:8081")];
         heard_announce.add_to(&mut members, t0 + 6000);
         assert_eq!(members.len(), 1);

@@ -328,8 +328,16 @@ impl Cluster {
                 tracing::info!(pod = %state.pod, %addr, "sibling announced itself");
                 announced.record(&state.pod, addr, now_ms);
             }
-            // Only a pod on its way out hands its state over unannounced.
-            None => announced.depart(&state.pod, now_ms),
+            // Only a pod on its way out hands its state over unannounced,
+            // saying from where in its news.
+            None => {
+                let from = state
+                    .news
+                    .iter()
+                    .find(|n| n.pod == state.pod && n.left)
+                    .and_then(|n| n.addr);
+                announced.depart(&state.pod, from, now_ms);
+            }
         }
         Ok(())
     }
@@ -411,7 +419,22 @@ impl Cluster {
     /// if nobody fetched it since its last visits. Bounded by the deadline.
     pub async fn goodbye(&self) {
         let state = self.peer_state();
-        let handed = self.tell_siblings("hand-over", |_| state.clone()).await;
+        let addr = self.inner.addr.get().copied();
+        let handed = self
+            .tell_siblings("hand-over", |sibling| {
+                // Where it leaves from: a pod of this name listed elsewhere
+                // later is a new one, not this departed one.
+                let mut state = state.clone();
+                state.news.retain(|n| n.pod != state.pod);
+                state.news.push(wire::Notice {
+                    pod: state.pod.clone(),
+                    at_ms: unix_now_ms(),
+                    addr: addr.map(|a| reachable_at(a, sibling)),
+                    left: true,
+                });
+                state
+            })
+            .await;
         tracing::info!(
             count = self.inner.store.count(),
             siblings = handed.took,
@@ -613,7 +636,7 @@ impl Inner {
             let mut announced = self.announced.lock().expect("poisoned");
             round.departed = peers
                 .iter()
-                .filter(|p| announced.has_departed(&p.pod, now_ms))
+                .filter(|p| announced.has_departed(&p.pod, p.addr, now_ms))
                 .map(|p| p.pod.clone())
                 .collect();
         }

@@ -61,9 +61,10 @@ pub struct PeerState {
     pub news: Vec<Notice>,
 }
 
-/// What a pod heard of a member: it announced itself at `addr`, or (no
-/// `addr`) it handed its final state over on its way out, at `at_ms`
-/// (unix milliseconds, the clock of the pod that heard it first).
+/// What a pod heard of a member at `at_ms` (unix milliseconds, the clock
+/// of the pod that heard it first): it announced itself at `addr`, or
+/// (`left`) it handed its final state over on its way out from `addr`
+/// (when known).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Notice {
@@ -71,6 +72,8 @@ pub struct Notice {
     pub at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addr: Option<std::net::SocketAddr>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub left: bool,
 }
 
 impl PeerState {
@@ -410,6 +413,7 @@ mod tests {
                     .parse()
                     .unwrap(),
             ),
+            left: true,
         };
         let bytes = serde_json::to_vec(&notice).unwrap().len() + 1;
         assert!(bytes <= MAX_ENTRY_BYTES, "{bytes} > {MAX_ENTRY_BYTES}");
@@ -421,6 +425,7 @@ mod tests {
             pod: pod.into(),
             at_ms: 1,
             addr: None,
+            left: false,
         };
         let mut s = state(vec![e("t-1", "b", 1)]);
         s.news = vec![notice("t-2"), notice("t-3")];
