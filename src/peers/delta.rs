@@ -375,6 +375,7 @@ mod tests {
             pod: "tally-3".into(),
             at_ms: 1,
             addr: None,
+            left: true,
         };
         quiet.news = vec![notice.clone()];
         let a = j.answer(quiet, Some(&c0.to_string()), None);
