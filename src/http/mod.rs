@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Query, Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -61,22 +61,36 @@ pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try / or /visits/total\n") })
-        .layer(middleware::from_fn(refuse_bodies));
-    edge(routes, app, request_timeout)
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try / or /visits/total\n") });
+    edge(routes, ROUTE_LABELS, true, app, request_timeout)
 }
 
-/// What both ports wrap their routes in: `405` with `Allow`, the request
-/// time limit, and the request metrics.
-fn edge(routes: Router<Arc<App>>, app: Arc<App>, request_timeout: Duration) -> Router {
-    routes
-        .layer(middleware::from_fn(explain_405))
+/// What both ports wrap their routes in: the request metrics (labelled with
+/// `labels`, the port's routes), the request time limit, `405` with
+/// `Allow`, and (`no_bodies`) `413` for any request with a body. Wrapped
+/// around the whole router, so once per request: a layer added with
+/// `Router::layer` wraps every route in its own boxed service, and each
+/// request cloned (allocated) one per layer.
+fn edge(
+    routes: Router<Arc<App>>,
+    labels: &'static [&'static str],
+    no_bodies: bool,
+    app: Arc<App>,
+    request_timeout: Duration,
+) -> Router {
+    let stack = tower::ServiceBuilder::new()
+        .layer(middleware::from_fn_with_state(
+            (app.clone(), labels),
+            observe,
+        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
-        .layer(middleware::from_fn_with_state(app.clone(), observe))
-        .with_state(app)
+        .layer(middleware::from_fn(explain_405))
+        .option_layer(no_bodies.then(|| middleware::from_fn(refuse_bodies)))
+        .service(routes.with_state(app));
+    Router::new().fallback_service(stack)
 }
 
 /// A client error or an unavailable store, as a response.
@@ -326,9 +340,7 @@ async fn explain_405(request: Request, next: Next) -> Response {
     )
 }
 
-/// The client routes as static labels, so recording a request allocates
-/// nothing for them (the peer routes and any route missing here still get
-/// their own label, allocated).
+/// The client port's routes: the labels of its request metrics.
 const ROUTE_LABELS: &[&str] = &[
     "/",
     "/visits/local",
@@ -341,19 +353,25 @@ const ROUTE_LABELS: &[&str] = &[
     "/favicon.ico",
 ];
 
-fn route_label(matched: Option<&MatchedPath>) -> Cow<'static, str> {
-    let Some(path) = matched.map(MatchedPath::as_str) else {
-        return Cow::Borrowed("unmatched");
-    };
-    match ROUTE_LABELS.iter().find(|&&label| label == path) {
-        Some(label) => Cow::Borrowed(label),
-        None => Cow::Owned(path.to_string()),
-    }
+/// The route `path` is, among a port's `labels` (every route is a fixed
+/// path), or `unmatched`: never a label made from what a client sent.
+fn route_label(labels: &'static [&'static str], path: &str) -> Cow<'static, str> {
+    Cow::Borrowed(
+        labels
+            .iter()
+            .find(|&&label| label == path)
+            .copied()
+            .unwrap_or("unmatched"),
+    )
 }
 
-/// Records the request duration by matched route and status.
-async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let route = route_label(request.extensions().get::<MatchedPath>());
+/// Records the request duration by route and status.
+async fn observe(
+    State((app, labels)): State<(Arc<App>, &'static [&'static str])>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = route_label(labels, request.uri().path());
     let started = Instant::now();
     let response = next.run(request).await;
     app.metrics
@@ -369,6 +387,15 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_labels_are_the_ports_routes_never_what_a_client_sent() {
+        assert_eq!(route_label(ROUTE_LABELS, "/"), "/");
+        assert_eq!(route_label(ROUTE_LABELS, "/visits/total"), "/visits/total");
+        for path in ["/nope", "/peer/state", "", "/visits/"] {
+            assert_eq!(route_label(ROUTE_LABELS, path), "unmatched", "{path}");
+        }
+    }
 
     #[test]
     fn a_visit_not_recorded_is_503_with_retry_after() {

@@ -94,8 +94,11 @@ pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
                 "not found: the peer port serves /peer/state, /healthz and /readyz; clients use the client port\n",
             )
         });
-    edge(routes, app, request_timeout)
+    edge(routes, PEER_ROUTES, false, app, request_timeout)
 }
+
+/// The peer port's routes: the labels of its request metrics.
+const PEER_ROUTES: &[&str] = &[PEER_PATH, FORGET_PATH, "/healthz", "/health", "/readyz"];
 
 /// The token check, in constant time.
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
