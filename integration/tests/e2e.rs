@@ -414,11 +414,42 @@ fn wait_view(c: &Cluster, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         if check(&v) {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "tally-0 never showed {what}: {v}"
-        );
+        if Instant::now() > deadline {
+            dump(c);
+            panic!("tally-0 never showed {what}: {v}");
+        }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What tally-0 resolves, the pods' nftables rules and last log lines, the
+/// status and the last events (printed when a wait fails).
+fn dump(c: &Cluster) {
+    if let Ok(out) = c.exec("tally-0", &["tally", "peers"]) {
+        println!(
+            "tally-0 `tally peers`:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for pod in ["tally-0", "tally-1", "tally-2"] {
+        let ns = format!("tsim-{}-{pod}", c.name);
+        if let Ok(o) = Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "list", "ruleset"])
+            .output()
+        {
+            println!("{pod} nftables:\n{}", String::from_utf8_lossy(&o.stdout));
+        }
+        if let Ok(log) = c.logs(pod, false) {
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            println!("{pod} log (newest first):\n{}", tail.join("\n"));
+        }
+    }
+    if let Ok(t) = c.get() {
+        println!("{t}");
+    }
+    for e in c.events().unwrap_or_default().iter().rev().take(30).rev() {
+        println!("{:8.2}s {} {} {}", e.t, e.object, e.reason, e.message);
     }
 }
 
@@ -471,20 +502,27 @@ fn helm_test_and_network_policy(c: &Cluster) {
         println!("from {from} to tally-0:{PEER_PORT}: {peer:?}");
         assert!(peer.is_err(), "{from} reached the peer port: {peer:?}");
     }
-    let inside = net::http_get_in(
-        &format!("tsim-{}-tally-1", c.name),
-        addr_of(c, "tally-0", PEER_PORT),
-        "/peer/state",
-        Duration::from_secs(2),
-    );
-    println!(
-        "from tally-1 to tally-0:{PEER_PORT}: HTTP {:?}",
-        inside.as_ref().map(|r| r.status)
-    );
-    assert!(
-        inside.is_ok(),
-        "a sibling cannot reach the peer port: {inside:?}"
-    );
+    // A sibling does reach it (the answer, 401 without the token, proves
+    // the connection).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let inside = net::http_get_in(
+            &format!("tsim-{}-tally-1", c.name),
+            addr_of(c, "tally-0", PEER_PORT),
+            "/peer/state",
+            Duration::from_secs(2),
+        )
+        .map(|r| r.status)
+        .map_err(|e| format!("{e:#}"));
+        println!("from tally-1 to tally-0:{PEER_PORT}: {inside:?}");
+        if inside.is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            dump(c);
+            panic!("a sibling cannot reach the peer port: {inside:?}");
+        }
+    }
 
     // A member that does not answer fails the test: `scripts/cluster test`
     // (the `tally-sim test` command) prints the report and the pod's log

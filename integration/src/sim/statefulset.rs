@@ -195,7 +195,9 @@ impl Sim {
             let n = self.next_ip;
             self.next_ip = self.next_ip.wrapping_add(1) % (254 * 250);
             let ip = Ipv4Addr::new(10, 244, 1 + (n / 250) as u8, 2 + (n % 250) as u8);
-            if !self.pods.values().any(|p| p.ip == ip) {
+            let taken =
+                self.pods.values().any(|p| p.ip == ip) || self.hooks.values().any(|h| h.ip == ip);
+            if !taken {
                 return ip;
             }
         }
