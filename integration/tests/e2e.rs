@@ -561,9 +561,10 @@ fn helm_test_and_network_policy(c: &Cluster) {
 
     // Enforcement shows: a policy without DNS egress breaks lookups in the
     // pods and so the totals; one without the peer ingress rule keeps a pod
-    // from fetching its sibling. Policies are stateful, so
-    // connections opened before a change stay up (as with a CNI's
-    // conntrack): tally-2 is replaced to make its peers connect afresh.
+    // from fetching its sibling, so totals are incomplete and the test
+    // fails. Policies are stateful, so connections opened before a change
+    // stay up (as with a CNI's conntrack): tally-2 is replaced to make its
+    // peers connect afresh.
     apply_policy(c, |spec| {
         spec.egress
             .as_mut()
@@ -611,9 +612,12 @@ fn helm_test_and_network_policy(c: &Cluster) {
     };
     let v = wait_view(c, "tally-2 unreachable without the peer rule", |v| {
         let row = tally_2(v);
-        row["source"] != "live" && row["error"].as_str().unwrap_or("").contains("connect")
+        v["complete"] == false
+            && row["source"] != "live"
+            && row["error"].as_str().unwrap_or("").contains("connect")
     });
     println!("without the peer ingress rule, tally-0: {v}");
+    assert_eq!(helm_test(c).runs[0].phase, "Failed");
     apply_policy(c, |_| {});
     wait_view(c, "tally-2 answering again", |v| {
         tally_2(v)["source"] == "live"
