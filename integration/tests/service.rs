@@ -364,6 +364,22 @@ async fn full_volume_answers_503_until_space_is_freed_and_loses_nothing() {
         std::fs::write(volume.path().join("more"), b"x").is_err(),
         "not full"
     );
+    // Readiness fails before any visit finds out (the store looks every
+    // second while idle).
+    let started = Instant::now();
+    loop {
+        let ready = http.get(&tally.url("/readyz")).await.unwrap();
+        if ready.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(ready.body.contains("is full"), "{}", ready.body);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "still ready on a full volume: {}",
+            ready.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     for _ in 0..3 {
         let reply = http.get(&tally.url("/")).await.unwrap();

@@ -14,9 +14,10 @@
 //! kernel may have dropped the dirty pages, so a bare re-sync proves
 //! nothing) until it succeeds, so readiness recovers on its own. A full
 //! volume (design.md §6) is one such failure, seen before every commit
-//! (`statvfs`, one syscall per batch), on `ENOSPC` from a write or sync, and
-//! when `peers.state` could not be written for lack of space
-//! ([`Store::check_space`]): `GET /` answers 503 until space is freed. A commit
+//! (`statvfs`, one syscall per batch), every second while idle, on `ENOSPC`
+//! from a write or sync, and when `peers.state` could not be written for
+//! lack of space ([`Store::check_space`]): `GET /` answers 503 until space
+//! is freed. A commit
 //! stuck longer than `commit_timeout` (a hung disk) fails readiness and
 //! new visits get 503 at once; a visit whose caller stopped waiting is never
 //! counted: dropped before its commit starts, or taken back out by a
@@ -316,6 +317,7 @@ impl Store {
             published: state.count,
             policy: Policy::new(options.durability, options.sync_interval),
             retry_at: None,
+            space_check_at: Instant::now() + RETRY_EVERY,
             shared: shared.clone(),
             metrics,
         };
@@ -474,6 +476,8 @@ struct Committer {
     policy: Policy,
     /// While unhealthy: when to try again.
     retry_at: Option<Instant>,
+    /// When to look at the volume's free space next, while idle.
+    space_check_at: Instant,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
 }
@@ -482,25 +486,18 @@ impl Committer {
     fn run(mut self, queue: mpsc::Receiver<Request>) {
         let mut batch = Vec::new();
         loop {
-            let deadline = match (self.policy.next_deadline(), self.retry_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let first = match deadline {
-                None => queue.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(at) => queue.recv_timeout(at.saturating_duration_since(Instant::now())),
-            };
+            let deadline = [self.policy.next_deadline(), self.retry_at]
+                .into_iter()
+                .flatten()
+                .fold(self.space_check_at, Instant::min);
+            let first = queue.recv_timeout(deadline.saturating_duration_since(Instant::now()));
             let mut close = None;
             match first {
                 Ok(first) => {
                     for request in std::iter::once(first).chain(queue.try_iter()) {
                         match request {
                             Request::Visit(waiter) => batch.push(waiter),
-                            Request::CheckSpace => {
-                                if self.full() {
-                                    self.failed(Failure::Full, false, Instant::now());
-                                }
-                            }
+                            Request::CheckSpace => self.check_space(Instant::now()),
                             Request::Close(done) => {
                                 close = Some(done);
                                 break;
@@ -518,6 +515,9 @@ impl Committer {
             if self.retry_at.is_some_and(|at| at <= now) || self.policy.sync_due(now) {
                 // The outcome is recorded in `unhealthy`; nobody waits on it.
                 let _ = self.commit(self.count, !matches!(self.policy, Policy::None));
+            }
+            if self.space_check_at <= now {
+                self.check_space(now);
             }
             if let Some(done) = close {
                 if self.policy.next_deadline().is_some() {
@@ -651,6 +651,16 @@ impl Committer {
             _ => Failure::Io(error),
         };
         Err(self.failed(failure, sync, now))
+    }
+
+    /// Turns the store unhealthy if the volume is full, so readiness fails
+    /// within a second of it filling up even when no visit comes (a retry
+    /// under way checks it already); schedules the next check.
+    fn check_space(&mut self, now: Instant) {
+        self.space_check_at = now + RETRY_EVERY;
+        if self.retry_at.is_none() && self.full() {
+            self.failed(Failure::Full, false, now);
+        }
     }
 
     /// Whether the data volume has no free block left. A volume whose

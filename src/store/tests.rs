@@ -443,6 +443,20 @@ async fn a_full_volume_refuses_visits_until_space_is_freed() {
     assert_eq!(found.unwrap().state().count, 2);
 }
 
+/// Readiness fails when the volume fills up even if no visit comes to
+/// find out: the idle committer looks every second.
+#[tokio::test]
+async fn an_idle_store_notices_a_full_volume_on_its_own() {
+    let disk = ModelDisk::new(Fs::default());
+    let store = open_model(&disk, options(Durability::GroupCommit));
+    assert!(store.health().is_ok());
+    disk.fill(true);
+    wait_for(|| store.health().is_err()).await;
+    assert!(store.health().unwrap_err().contains("is full"));
+    disk.fill(false);
+    wait_for(|| store.health().is_ok()).await;
+}
+
 /// Another writer's `ENOSPC` (`peers.state`) makes the store look: a full
 /// volume stops the counting before a visit finds out.
 #[tokio::test]
