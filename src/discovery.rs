@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
@@ -74,6 +74,8 @@ pub struct Discovery {
     /// failure, so each new failure (and the recovery) is logged once and
     /// not on every fan-out.
     last: Mutex<(Vec<Peer>, Option<String>)>,
+    /// When DNS last answered (members or NXDOMAIN), for [`recent`](Self::recent).
+    answered: Mutex<Option<Instant>>,
 }
 
 impl Discovery {
@@ -129,6 +131,7 @@ impl Discovery {
             member,
             info,
             last: Mutex::new((Vec::new(), None)),
+            answered: Mutex::new(None),
         })
     }
 
@@ -146,6 +149,9 @@ impl Discovery {
         let result = self.lookup(&name).await;
         let mut last = self.last.lock().expect("poisoned");
         let failed = matches!(result, Err(Failure::Transient(_)));
+        if !failed {
+            *self.answered.lock().expect("poisoned") = Some(Instant::now());
+        }
         let error = match result {
             Ok(peers) => {
                 last.0 = peers;
@@ -174,6 +180,16 @@ impl Discovery {
             error,
             failed,
         }
+    }
+
+    /// The members of DNS's last answer if it came at most `max_age` ago,
+    /// without asking again: for work that may run on a slightly older
+    /// list (the background gossip; news of new members travels in peer
+    /// states anyway), so that hundreds of pods do not each ask the one
+    /// cluster DNS server for a full SRV answer every few seconds.
+    pub fn recent(&self, max_age: Duration) -> Option<Vec<Peer>> {
+        let answered = (*self.answered.lock().expect("poisoned"))?;
+        (answered.elapsed() <= max_age).then(|| self.last.lock().expect("poisoned").0.clone())
     }
 
     /// SRV lookup of `name` and its targets' addresses.

@@ -662,7 +662,10 @@ impl Inner {
         };
         let started = Instant::now();
         let deadline = started + self.limits.deadline;
-        let (dns, discovery_error) = self.resolve(discovery, deadline).await;
+        let (dns, discovery_error) = match discovery.recent(GOSSIP_DNS_REUSE) {
+            Some(dns) => (dns, None),
+            None => self.resolve(discovery, deadline).await,
+        };
         let mut peers = self.with_news(&dns);
         self.metrics.members.set(peers.len() as i64);
         if discovery_error.is_some() {
@@ -981,6 +984,10 @@ struct Told {
 
 /// Siblings each background refresh asks (see [`Cluster::spawn_background`]).
 pub const GOSSIP_FANOUT: usize = 3;
+
+/// How old a DNS answer the gossip uses before it asks DNS again (as long
+/// as CoreDNS's own `cache 30`); `/visits/total` always asks DNS.
+pub const GOSSIP_DNS_REUSE: Duration = Duration::from_secs(30);
 
 /// Moves `k` items picked at random (by `random`) to the front of `items`
 /// and returns them (all of them when there are at most `k`).
