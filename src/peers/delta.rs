@@ -15,7 +15,10 @@
 //! `GET /peer/state` (no `since`) answers exactly what it always did.
 //!
 //! What the sender heard of members coming and going (`news`: announces
-//! and hand-overs, short-lived) travels whole in every answer, delta or not.
+//! and hand-overs, short-lived) is journaled the same way: a notice is sent
+//! when it is new or newer than at the cursor. A notice that expired needs
+//! no word: it expires at the receiver at the same time, as it carries the
+//! time it was first heard.
 //!
 //! Tombstones travel like counts: a `tally forget` is a new tombstone (a
 //! change), and the counter it removes leaves the journal. Counts only grow
@@ -50,7 +53,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::str::FromStr;
 
 use crate::merge::{Entry, Key};
-use crate::peers::wire::{PeerState, Retired};
+use crate::peers::wire::{Notice, PeerState, Retired};
 
 /// Response header carrying the cursor for the next fetch.
 pub const CURSOR_HEADER: &str = "tally-cursor";
@@ -121,6 +124,7 @@ fn param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 pub fn digest<'a>(
     entries: impl IntoIterator<Item = &'a Entry>,
     retired: impl IntoIterator<Item = &'a Retired>,
+    news: impl IntoIterator<Item = &'a Notice>,
 ) -> u64 {
     let one = |tag: u8, pod: &str, incarnation: &str, count: u64| {
         let mut h = DefaultHasher::new();
@@ -133,9 +137,20 @@ pub fn digest<'a>(
     let tombstones = retired
         .into_iter()
         .map(|r| one(1, &r.pod, &r.incarnation, r.count));
+    let notices = news
+        .into_iter()
+        .map(|n| one(2, &n.pod, "", notice_version(n)));
     counters
         .chain(tombstones)
+        .chain(notices)
         .fold(0u64, |sum, h| sum.wrapping_add(h))
+}
+
+/// What identifies one version of a notice (its time and address).
+fn notice_version(n: &Notice) -> u64 {
+    let mut h = DefaultHasher::new();
+    (n.at_ms, n.addr).hash(&mut h);
+    h.finish()
 }
 
 /// What one answer holds.
@@ -153,6 +168,8 @@ pub struct Answer {
 enum Item {
     Counter(Key),
     Retired(Key),
+    /// The newest notice about a pod.
+    News(String),
 }
 
 /// The sender's history of count changes.
@@ -183,7 +200,8 @@ impl Journal {
             seq: self.seq,
         };
         // The receiver knows all this already: everything up to now.
-        let base = if have.is_some_and(|d| d == digest(&state.entries, &state.retired)) {
+        let base = if have.is_some_and(|d| d == digest(&state.entries, &state.retired, &state.news))
+        {
             Some(cursor)
         } else {
             since
@@ -213,6 +231,11 @@ impl Journal {
                 .into_iter()
                 .filter(|r| newer(Item::Retired(r.key())))
                 .collect(),
+            news: state
+                .news
+                .into_iter()
+                .filter(|n| newer(Item::News(n.pod.clone())))
+                .collect(),
             ..state
         };
         Answer {
@@ -237,8 +260,15 @@ impl Journal {
                     .retired
                     .iter()
                     .map(|r| (Item::Retired(r.key()), r.count)),
+            )
+            .chain(
+                state
+                    .news
+                    .iter()
+                    .map(|n| (Item::News(n.pod.clone()), notice_version(n))),
             );
-        let mut held = HashSet::with_capacity(state.entries.len() + state.retired.len());
+        let mut held =
+            HashSet::with_capacity(state.entries.len() + state.retired.len() + state.news.len());
         for (item, count) in items {
             match self.versions.get_mut(&item) {
                 Some((known, _)) if *known == count => {}
@@ -369,7 +399,7 @@ mod tests {
                 None,
             )
             .cursor;
-        // Nothing changed: the own entry only, same cursor; news whole.
+        // Nothing changed: the own entry only, same cursor; a new notice.
         let mut quiet = state(vec![e("tally-0", 5), e("tally-1", 3)], vec![]);
         let notice = crate::peers::wire::Notice {
             pod: "tally-3".into(),
@@ -378,10 +408,14 @@ mod tests {
             left: true,
         };
         quiet.news = vec![notice.clone()];
-        let a = j.answer(quiet, Some(&c0.to_string()), None);
+        let a = j.answer(quiet.clone(), Some(&c0.to_string()), None);
         assert!(a.delta);
         assert_eq!(pods(&a), [("tally-0".into(), 5)]);
         assert_eq!(a.state.news, [notice]);
+        // The same notice again is no news.
+        let c0 = a.cursor;
+        let a = j.answer(quiet, Some(&c0.to_string()), None);
+        assert!(a.state.news.is_empty());
         assert!(a.state.retired.is_empty());
         assert_eq!(a.cursor, c0);
         // tally-1 grew, tally-2 appeared: both sent, tally-0's visits too.
@@ -525,7 +559,7 @@ mod tests {
                     let have = (r > 0).then(|| {
                         let entries: Vec<Entry> = mine.entries().collect();
                         let retired: Vec<Retired> = mine.retired().collect();
-                        digest(&entries, &retired)
+                        digest(&entries, &retired, &[])
                     });
                     let a = answer(&mut journal, full.clone(), since.as_deref(), have);
                     if !kept {
@@ -613,14 +647,17 @@ mod tests {
         let a = [e("tally-0", 1), e("tally-1", 2)];
         let b = [e("tally-1", 2), e("tally-0", 1)];
         let none: [Retired; 0] = [];
-        assert_eq!(digest(&a, &none), digest(&b, &none));
+        assert_eq!(digest(&a, &none, &[]), digest(&b, &none, &[]));
         assert_ne!(
-            digest(&a, &none),
-            digest(&[e("tally-0", 1), e("tally-1", 3)], &none)
+            digest(&a, &none, &[]),
+            digest(&[e("tally-0", 1), e("tally-1", 3)], &none, &[])
         );
-        assert_ne!(digest(&a, &none), digest(&a[..1], &none));
+        assert_ne!(digest(&a, &none, &[]), digest(&a[..1], &none, &[]));
         // A tombstone is not the counter it retired.
-        assert_ne!(digest(&a[..1], &[tomb("tally-1", 2)]), digest(&a, &none));
+        assert_ne!(
+            digest(&a[..1], &[tomb("tally-1", 2)], &[]),
+            digest(&a, &none, &[])
+        );
         assert_eq!(have(Some("since=1-2&have=ff")), Some(255));
         assert_eq!(have(Some("have=zz")), None);
     }
@@ -629,7 +666,7 @@ mod tests {
     fn a_matching_digest_answers_the_own_entry_only_whatever_the_cursor() {
         let mut j = Journal::new(4);
         let full = state(vec![e("tally-0", 5), e("tally-1", 3)], vec![tomb("x-1", 2)]);
-        let have = digest(&full.entries, &full.retired);
+        let have = digest(&full.entries, &full.retired, &full.news);
         let a = j.answer(full.clone(), None, Some(have));
         assert!(a.delta);
         assert_eq!(pods(&a), [("tally-0".into(), 5)]);
@@ -647,7 +684,7 @@ mod tests {
         // everything.
         let self_compared =
             |j: &mut Journal, s: PeerState, since: Option<&str>, have: Option<u64>| {
-                let ours = digest(&s.entries, &s.retired);
+                let ours = digest(&s.entries, &s.retired, &s.news);
                 j.answer(s, since, have.map(|_| ours))
             };
         let mut runner = proptest::test_runner::TestRunner::deterministic();

@@ -744,7 +744,7 @@ impl Inner {
     async fn fetch(&self, peers: &[Peer], deadline: Instant) -> Vec<Fetched> {
         let have = {
             let state = self.state();
-            delta::digest(&state.entries, &state.retired)
+            delta::digest(&state.entries, &state.retired, &state.news)
         };
         let fetches = self.siblings(peers, deadline).map(|(peer, limit)| {
             let peer = peer.clone();
