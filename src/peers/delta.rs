@@ -494,6 +494,8 @@ mod tests {
         Visit(u64),
         /// `tally forget` of pod `p`.
         Forget(usize),
+        /// Hears news of pod `p` at time `at` (newest per pod wins).
+        Hear(usize, u64),
         /// Receiver `r` fetches with its cursor (or loses the answer).
         Fetch(usize, bool),
     }
@@ -503,6 +505,7 @@ mod tests {
             4 => (1..6usize, 0..20u64).prop_map(|(p, n)| Step::Learn(p, n)),
             2 => (1..4u64).prop_map(Step::Visit),
             1 => (1..6usize).prop_map(Step::Forget),
+            1 => (1..6usize, 0..5u64).prop_map(|(p, at)| Step::Hear(p, at)),
             5 => (0..3usize, prop::bool::weighted(0.9)).prop_map(|(r, kept)| Step::Fetch(r, kept)),
         ]
     }
@@ -533,10 +536,20 @@ mod tests {
         let mut own = 0u64;
         let mut journal = Journal::new(77);
         let mut receivers: Vec<(Option<Cursor>, Counter)> = vec![(None, Counter::default()); 3];
-        let full_state = |sender: &Counter, own: u64| {
+        // News, newest per pod, as `Announced` keeps it.
+        let mut news: BTreeMap<String, Notice> = BTreeMap::new();
+        let mut heard: Vec<BTreeMap<String, Notice>> = vec![BTreeMap::new(); 3];
+        let newest = |map: &mut BTreeMap<String, Notice>, n: &Notice| {
+            if map.get(&n.pod).is_none_or(|old| old.at_ms < n.at_ms) {
+                map.insert(n.pod.clone(), n.clone());
+            }
+        };
+        let full_state = |sender: &Counter, own: u64, news: &BTreeMap<String, Notice>| {
             let mut entries: Vec<Entry> = sender.entries().collect();
             entries.push(e("tally-0", own));
-            state(entries, sender.retired().collect())
+            let mut s = state(entries, sender.retired().collect());
+            s.news = news.values().cloned().collect();
+            s
         };
         let no_one = BTreeMap::new();
         for (n, s) in steps.iter().enumerate() {
@@ -551,15 +564,24 @@ mod tests {
                         sender.retire(tomb(&key.pod, known.count));
                     }
                 }
+                Step::Hear(p, at_ms) => newest(
+                    &mut news,
+                    &Notice {
+                        pod: format!("tally-{p}"),
+                        at_ms,
+                        addr: None,
+                    },
+                ),
                 Step::Fetch(r, kept) => {
-                    let full = full_state(&sender, own);
+                    let full = full_state(&sender, own, &news);
                     let since = receivers[r].0.map(|c| c.to_string());
                     // Receiver 0 sends no digest; the others send theirs.
                     let mine = &receivers[r].1;
                     let have = (r > 0).then(|| {
                         let entries: Vec<Entry> = mine.entries().collect();
                         let retired: Vec<Retired> = mine.retired().collect();
-                        digest(&entries, &retired, &[])
+                        let notices: Vec<Notice> = heard[r].values().cloned().collect();
+                        digest(&entries, &retired, &notices)
                     });
                     let a = answer(&mut journal, full.clone(), since.as_deref(), have);
                     if !kept {
@@ -570,6 +592,15 @@ mod tests {
                         .absorb(&a.state, &me, 0, &no_one, 1)
                         .map_err(|e| e.to_string())?;
                     *cursor = Some(a.cursor);
+                    for notice in &a.state.news {
+                        newest(&mut heard[r], notice);
+                    }
+                    if heard[r] != news {
+                        return Err(format!(
+                            "step {n}: receiver {r} heard {:?}, the sender {news:?}",
+                            heard[r]
+                        ));
+                    }
                     let mut want = Counter::default();
                     want.absorb(&full, &me, 0, &no_one, 1)
                         .map_err(|e| e.to_string())?;
