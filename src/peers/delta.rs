@@ -146,10 +146,10 @@ pub fn digest<'a>(
         .fold(0u64, |sum, h| sum.wrapping_add(h))
 }
 
-/// What identifies one version of a notice (its time and address).
+/// What identifies one version of a notice (its time, address and kind).
 fn notice_version(n: &Notice) -> u64 {
     let mut h = DefaultHasher::new();
-    (n.at_ms, n.addr).hash(&mut h);
+    (n.at_ms, n.addr, n.left).hash(&mut h);
     h.finish()
 }
 
@@ -570,6 +570,7 @@ mod tests {
                         pod: format!("tally-{p}"),
                         at_ms,
                         addr: None,
+                        left: false,
                     },
                 ),
                 Step::Fetch(r, kept) => {
