@@ -510,6 +510,28 @@ async fn nxdomain_names_the_query_and_a_silent_dns_keeps_the_members() {
         stderr.contains("_peer._tcp.web.default.svc.cluster.local.") && stderr.contains("NXDOMAIN"),
         "{stderr}"
     );
+
+    // A pod whose DNS never answers from its start on: it waits a bounded
+    // time for a sibling to hear it, then serves (a fresh-clone run once had
+    // a test pod's DNS time out for 20 s and the pod never served).
+    let silent = std::net::UdpSocket::bind((pods.ip(11), 0)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let unheard = TallyOptions::new(dir.path())
+        .listen(SocketAddr::new(pods.ip(12).into(), 0))
+        .env("POD_NAME", "tally-5")
+        .env("TALLY_PEERS_SERVICE", "tally-headless")
+        .env("TALLY_DNS_SERVER", silent.local_addr().unwrap());
+    let tally = Tally::start(&unheard).unwrap();
+    let visit = pods.http.get(&tally.url("/")).await.unwrap();
+    assert_eq!(visit.status, StatusCode::OK);
+    let view = pods
+        .http
+        .get(&tally.url("/visits/total"))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(view["complete"], false, "{view}");
+    assert!(view["discovery_error"].as_str().is_some(), "{view}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
