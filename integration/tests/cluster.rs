@@ -453,6 +453,21 @@ async fn hostile_peers_are_refused_and_reported_and_change_nothing() {
     }
 }
 
+/// A pod outside `Pods`, looking up `service` through `dns`.
+fn lone_pod(
+    dir: &std::path::Path,
+    ip: Ipv4Addr,
+    pod: &str,
+    service: &str,
+    dns: SocketAddr,
+) -> TallyOptions {
+    TallyOptions::new(dir)
+        .listen(SocketAddr::new(ip.into(), 0))
+        .env("POD_NAME", pod)
+        .env("TALLY_PEERS_SERVICE", service)
+        .env("TALLY_DNS_SERVER", dns)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn nxdomain_names_the_query_and_a_silent_dns_keeps_the_members() {
     let mut pods = Pods::start(7, 3, &[]).await;
@@ -481,11 +496,7 @@ async fn nxdomain_names_the_query_and_a_silent_dns_keeps_the_members() {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let lost = TallyOptions::new(dir.path())
-        .listen(SocketAddr::new(pods.ip(9).into(), 0))
-        .env("POD_NAME", "web-0")
-        .env("TALLY_PEERS_SERVICE", "web")
-        .env("TALLY_DNS_SERVER", dns.addr);
+    let lost = lone_pod(dir.path(), pods.ip(9), "web-0", "web", dns.addr);
     let tally = Tally::start(&lost).unwrap();
     let view = pods
         .http
@@ -516,11 +527,13 @@ async fn nxdomain_names_the_query_and_a_silent_dns_keeps_the_members() {
     // a test pod's DNS time out for 20 s and the pod never served).
     let silent = std::net::UdpSocket::bind((pods.ip(11), 0)).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let unheard = TallyOptions::new(dir.path())
-        .listen(SocketAddr::new(pods.ip(12).into(), 0))
-        .env("POD_NAME", "tally-5")
-        .env("TALLY_PEERS_SERVICE", "tally-headless")
-        .env("TALLY_DNS_SERVER", silent.local_addr().unwrap());
+    let unheard = lone_pod(
+        dir.path(),
+        pods.ip(12),
+        "tally-5",
+        "tally-headless",
+        silent.local_addr().unwrap(),
+    );
     let tally = Tally::start(&unheard).unwrap();
     let visit = pods.http.get(&tally.url("/")).await.unwrap();
     assert_eq!(visit.status, StatusCode::OK);
