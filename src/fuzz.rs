@@ -17,7 +17,7 @@ use std::path::Path;
 use crate::config::{Config, ConfigError, ConfigFile, Source};
 use crate::merge::{Counter, Entry};
 use crate::peers::persist::{StoredEntry, StoredPeers};
-use crate::peers::wire::{self, PeerState};
+use crate::peers::wire::{self, Encoding, PeerState};
 use crate::store::StoredState;
 use crate::store::file;
 use crate::store::format::{self, Decoded, SlotWriter};
@@ -47,12 +47,12 @@ const NOW: u64 = 1_700_000_000;
 pub fn peer_state(data: &[u8]) {
     let states: Vec<PeerState> = data
         .splitn(2, |&b| b == 0)
-        .filter_map(|part| wire::decode_state(part).ok())
+        .filter_map(|part| wire::decode_state(Encoding::Json, part).ok())
         .collect();
     for state in &states {
         let again = serde_json::to_vec(state).expect("a decoded state encodes");
         assert_eq!(
-            wire::decode_state(&again).ok().as_ref(),
+            wire::decode_state(Encoding::Json, &again).ok().as_ref(),
             Some(state),
             "re-encoded state decodes differently"
         );
@@ -74,6 +74,26 @@ pub fn peer_state(data: &[u8]) {
             assert_eq!(ab, ba, "absorbing two states depends on their order");
         }
     }
+}
+
+/// A sibling's peer state in the compact form siblings fetch
+/// ([`compact`](crate::peers::compact)): any bytes decode or are refused
+/// without a panic or an allocation they did not pay for; a decoded state
+/// re-encodes, in either encoding, to bytes that decode to the same state
+/// (the two forms carry the same thing); and merging it holds what
+/// [`peer_state`] checks of one state.
+pub fn peer_state_compact(data: &[u8]) {
+    let Ok(state) = wire::decode_state(Encoding::Compact, data) else {
+        return;
+    };
+    for encoding in [Encoding::Compact, Encoding::Json] {
+        assert_eq!(
+            wire::decode_state(encoding, &encoding.encode(&state)).as_ref(),
+            Ok(&state),
+            "re-encoded as {encoding:?}, the state decodes differently"
+        );
+    }
+    absorb_checked(&Counter::default(), &state, &receiver());
 }
 
 /// Structure-aware peer states for [`peer_state`]: the bytes pick two
@@ -339,6 +359,25 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ),
         ("peer_state", "not-json".into(), json("{\"pod\":")),
     ];
+    let compact = |json: &[u8]| {
+        let state = wire::decode_state(Encoding::Json, json).expect("a valid seed");
+        Encoding::Compact.encode(&state)
+    };
+    let honest_compact = compact(&out[0].2);
+    let forged_compact = compact(&out[3].2);
+    out.extend([
+        (
+            "peer_state_compact",
+            "honest".into(),
+            honest_compact.clone(),
+        ),
+        ("peer_state_compact", "forged-self".into(), forged_compact),
+        (
+            "peer_state_compact",
+            "truncated".into(),
+            honest_compact[..honest_compact.len() - 3].to_vec(),
+        ),
+    ]);
     // peer_merge: per state a head byte (sender = key byte, entries =
     // head / 8 % 6), then per entry a key byte and eight count bytes.
     let merge_seed = |states: &[(u8, &[(u8, u64)])]| -> Vec<u8> {
@@ -431,6 +470,7 @@ pub fn dictionary(target: &str) -> String {
         |words: &[&str]| -> Vec<String> { words.iter().map(|w| format!("\\\"{w}\\\"")).collect() };
     let mut tokens = match target {
         "peer_state" => quoted(&["pod", "incarnation", "entries", "count", "seen_unix"]),
+        "peer_state_compact" => Vec::new(),
         "store_file" => quoted(&["incarnation", "count", "pod", "created_unix", "entries"]),
         "config_file" => quoted(
             &crate::config::SETTINGS
@@ -442,6 +482,7 @@ pub fn dictionary(target: &str) -> String {
     };
     let plain: &[&str] = match target {
         "peer_state" => &["tally-0", "fuzz", "18446744073709551615", "\\x00"],
+        "peer_state_compact" => &["TALLY\\x01", "tally-0", "fuzz", "\\xff\\xff\\xff\\xff"],
         "store_file" => &["TALLYVS2", "tally-state v1 ", "crc32=", "len=", "\\x0A"],
         _ => &[
             "group-commit",
@@ -570,6 +611,30 @@ mod tests {
         }
 
         #[test]
+        fn compact_peer_states_merge_safely(a in state_json()) {
+            if let Ok(state) = wire::decode_state(Encoding::Json, &a) {
+                peer_state_compact(&Encoding::Compact.encode(&state));
+            }
+        }
+
+        #[test]
+        fn compact_peer_state_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<(prop::sample::Index, u8)>(),
+        ) {
+            peer_state_compact(&bytes);
+            let mut good = Encoding::Compact.encode(&wire::decode_state(
+                Encoding::Json,
+                &seeds()[0].2,
+            ).expect("a valid seed"));
+            peer_state_compact(&good[..cut.index(good.len())]);
+            let at = flip.0.index(good.len());
+            good[at] ^= flip.1;
+            peer_state_compact(&good);
+        }
+
+        #[test]
         fn peer_state_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             peer_state(&bytes);
         }
@@ -613,6 +678,7 @@ mod tests {
         for (target, name, bytes) in seeds() {
             match target {
                 "peer_state" => peer_state(&bytes),
+                "peer_state_compact" => peer_state_compact(&bytes),
                 "peer_merge" => peer_merge(&bytes),
                 "store_file" => store_file(&bytes),
                 "config_file" => config_file(&bytes),
@@ -620,7 +686,12 @@ mod tests {
             }
             want.push((fuzz.join("seeds").join(target).join(name), bytes));
         }
-        for target in ["peer_state", "store_file", "config_file"] {
+        for target in [
+            "peer_state",
+            "peer_state_compact",
+            "store_file",
+            "config_file",
+        ] {
             let dict = fuzz.join("dicts").join(format!("{target}.dict"));
             want.push((dict, dictionary(target).into_bytes()));
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use hyper::StatusCode;
+use hyper::{Method, StatusCode};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use tally_integration::harness::{ClusterDns, Http, Reply, Tally, TallyOptions, loopback_block};
@@ -699,6 +699,19 @@ async fn the_peer_route_answers_only_changes_since_a_cursor() {
     let plain = pods.peer_get(0, "/peer/state").await;
     assert_eq!(counts(&plain).len(), 3, "{}", plain.body);
     assert!(!plain.headers.contains_key("tally-cursor"));
+    // curl's `Accept: */*` reads JSON; siblings name the compact form.
+    let url = pods.pod(0).peer_url("/peer/state");
+    for (accept, want) in [
+        ("*/*", "application/json"),
+        ("application/x-tally-state", "application/x-tally-state"),
+    ] {
+        let reply = pods
+            .http
+            .request(Method::GET, &url, &[("accept", accept)])
+            .await
+            .unwrap();
+        assert_eq!(reply.headers["content-type"], want, "Accept: {accept}");
+    }
     // `since` empty or unknown: the full state and a cursor.
     for since in ["", "0-0", "junk"] {
         let full = pods

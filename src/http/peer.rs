@@ -26,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::{ApiError, App, edge, healthz, readyz, refuse_bodies};
 use crate::merge::Key;
 use crate::peers::delta;
-use crate::peers::wire::{FORGET_PATH, MAX_PEER_BODY, PEER_PATH};
+use crate::peers::wire::{Encoding, FORGET_PATH, MAX_PEER_BODY, PEER_PATH};
 
 /// Most peer requests served at once; a pod has one request in flight per
 /// sibling (fan-out) plus hand-overs, so this is far above honest use.
@@ -139,7 +139,9 @@ fn refuse(app: &App, error: ApiError) -> Response {
 /// Everything this pod knows; with `?since=<cursor>` only what changed
 /// since (always with this pod's own entry), and the cursor for the next
 /// fetch in the `tally-cursor` header ([`delta`]).
-async fn peer_state(State(app): State<Arc<App>>, uri: Uri) -> Response {
+/// Siblings ask for the [`compact`](crate::peers::compact) form; anyone
+/// else (`curl`) gets JSON.
+async fn peer_state(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) -> Response {
     let (state, cursor) = match delta::since(uri.query()) {
         Some(since) => {
             let (state, cursor) = app.cluster.peer_delta(since, delta::have(uri.query()));
@@ -147,10 +149,11 @@ async fn peer_state(State(app): State<Arc<App>>, uri: Uri) -> Response {
         }
         None => (app.cluster.peer_state(), None),
     };
-    let body = serde_json::to_vec(&state).expect("serialises");
+    let encoding = Encoding::accepted(headers.get(header::ACCEPT).map(HeaderValue::as_bytes));
+    let body = encoding.encode(&state);
     app.metrics.peer_served.inc();
     app.metrics.peer_bytes_served.inc_by(body.len() as u64);
-    let mut response = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    let mut response = ([(header::CONTENT_TYPE, encoding.content_type())], body).into_response();
     if let Some(cursor) = cursor {
         response.headers_mut().insert(delta::CURSOR_HEADER, cursor);
     }

@@ -13,7 +13,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::delta::{CURSOR_HEADER, HAVE_PARAM, SINCE_PARAM};
-use super::wire::{self, FORGET_PATH, MAX_PEER_BODY, PEER_PATH, PeerState, StateError};
+use super::wire::{
+    self, ACCEPT_STATE, Encoding, FORGET_PATH, MAX_PEER_BODY, PEER_PATH, PeerState, StateError,
+};
 
 /// Why a fetch failed.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +137,7 @@ impl PeerClient {
         let mut request = Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path}"))
-            .header(header::ACCEPT, "application/json");
+            .header(header::ACCEPT, ACCEPT_STATE);
         if !body.is_empty() {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
@@ -172,6 +174,12 @@ impl PeerClient {
             .get(CURSOR_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let encoding = Encoding::of_content_type(
+            response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .map(http::HeaderValue::as_bytes),
+        );
         let declared = response
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -191,7 +199,7 @@ impl PeerClient {
                 }
             })?
             .to_bytes();
-        Ok((wire::decode_state(&body)?, cursor))
+        Ok((wire::decode_state(encoding, &body)?, cursor))
     }
 
     /// `tally forget`: asks the pod at `addr` to retire `counter`; returns
@@ -227,5 +235,67 @@ impl PeerClient {
         tokio::time::timeout(limit, ask)
             .await
             .unwrap_or(Err(FetchError::Timeout(limit.as_millis())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::Entry;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A sibling on a real socket that records the request head and answers
+    /// `state` in `encoding`, as a newer (compact) or older (JSON) pod does.
+    async fn sibling(
+        state: PeerState,
+        encoding: Encoding,
+    ) -> (SocketAddr, tokio::task::JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0];
+                stream.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let body = encoding.encode(&state);
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncontent-length: {}\r\n\r\n",
+                encoding.content_type(),
+                body.len()
+            );
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            stream.write_all(&body).await.unwrap();
+            String::from_utf8(head).unwrap().to_ascii_lowercase()
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn fetches_ask_for_the_compact_form_and_read_either() {
+        let state = PeerState {
+            pod: "tally-1".into(),
+            incarnation: "9f0c3a6b1d2e4f5a8b7c6d5e4f3a2b1c".into(),
+            entries: vec![
+                Entry::test("tally-1", "9f0c3a6b1d2e4f5a8b7c6d5e4f3a2b1c", 41),
+                Entry::test("tally-2", "b2", 7),
+            ],
+            retired: vec![],
+            announce: None,
+            news: vec![],
+        };
+        let client = PeerClient::new(None, Duration::from_secs(5));
+        for encoding in [Encoding::Compact, Encoding::Json] {
+            let (addr, head) = sibling(state.clone(), encoding).await;
+            let got = client.fetch(addr, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(got, state, "answered in {encoding:?}");
+            let head = head.await.unwrap();
+            assert!(
+                head.contains("accept: application/x-tally-state, application/json;q=0.5"),
+                "{head}"
+            );
+        }
     }
 }

@@ -23,6 +23,7 @@
 
 pub mod announced;
 pub mod client;
+pub mod compact;
 pub mod delta;
 pub mod persist;
 pub mod rounds;
@@ -287,7 +288,8 @@ impl Cluster {
     /// starting (then it is a member from now on). Current members answer
     /// for themselves, so what it relays about them is not taken.
     pub fn receive(&self, bytes: &[u8]) -> Result<(), ReceiveError> {
-        let state = wire::decode_state(bytes).inspect_err(|e| self.inner.refused(e.reason()))?;
+        let state = wire::decode_state(wire::Encoding::Json, bytes)
+            .inspect_err(|e| self.inner.refused(e.reason()))?;
         let members: BTreeMap<String, Option<(String, u64)>> = self
             .inner
             .last

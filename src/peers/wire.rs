@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use crate::merge::{Entry, Key};
+use crate::peers::compact;
 
 /// Path of the peer route (`GET`: fetch a state; `PUT`: hand one over).
 pub const PEER_PATH: &str = "/peer/state";
@@ -155,15 +156,85 @@ pub fn valid_name(pod: &str, incarnation: &str) -> bool {
     label(pod, MAX_POD_LEN) && label(incarnation, MAX_INCARNATION_LEN)
 }
 
+/// The two encodings of a peer state: readable JSON (the default, what
+/// people and older pods read) and the [`compact`] form siblings ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Json,
+    Compact,
+}
+
+/// What a fetch says it accepts: the compact form first.
+pub const ACCEPT_STATE: &str = "application/x-tally-state, application/json;q=0.5";
+
+impl Encoding {
+    /// The encoding of a body with this `Content-Type` (JSON unless it
+    /// names the compact form: that is what older pods send).
+    pub fn of_content_type(content_type: Option<&[u8]>) -> Encoding {
+        match content_type.map(media_type) {
+            Some(t) if t.eq_ignore_ascii_case(compact::CONTENT_TYPE.as_bytes()) => {
+                Encoding::Compact
+            }
+            _ => Encoding::Json,
+        }
+    }
+
+    /// The encoding to answer a request with this `Accept` in: compact only
+    /// when it is named and not refused (`q=0`); `*/*` gets JSON.
+    pub fn accepted(accept: Option<&[u8]>) -> Encoding {
+        let named = accept
+            .into_iter()
+            .flat_map(|a| a.split(|&b| b == b','))
+            .any(|range| {
+                let refused = range.split(|&b| b == b';').skip(1).any(|param| {
+                    let param: Vec<u8> = param.iter().copied().filter(|b| *b != b' ').collect();
+                    param.starts_with(b"q=") && param[2..].iter().all(|b| matches!(b, b'0' | b'.'))
+                });
+                !refused && media_type(range).eq_ignore_ascii_case(compact::CONTENT_TYPE.as_bytes())
+            });
+        if named {
+            Encoding::Compact
+        } else {
+            Encoding::Json
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Json => "application/json",
+            Encoding::Compact => compact::CONTENT_TYPE,
+        }
+    }
+
+    pub fn encode(self, state: &PeerState) -> Vec<u8> {
+        match self {
+            Encoding::Json => serde_json::to_vec(state).expect("a peer state serialises"),
+            Encoding::Compact => compact::encode(state),
+        }
+    }
+}
+
+/// `type/subtype` of a media range, without parameters and blanks.
+fn media_type(range: &[u8]) -> &[u8] {
+    let end = range.iter().position(|&b| b == b';').unwrap_or(range.len());
+    range[..end].trim_ascii()
+}
+
 /// The one decoder of a peer state from bytes (the `GET` answer or a
-/// hand-over's body, and the fuzzers' entry point, `fuzz/`):
-/// parses it and checks everything that needs no knowledge of the
-/// cluster: names, duplicates, size, the sender's own entry, and that its
-/// counts sum in `u64`. What it means against what this pod knows is
+/// hand-over's body, and the fuzzers' entry point, `fuzz/`), in either
+/// encoding: parses it and checks everything that needs no knowledge of
+/// the cluster: names, duplicates, size, the sender's own entry, and that
+/// its counts sum in `u64`. What it means against what this pod knows is
 /// [`Counter`](crate::merge::Counter)'s business.
-pub fn decode_state(bytes: &[u8]) -> Result<PeerState, StateError> {
-    let state: PeerState =
-        serde_json::from_slice(bytes).map_err(|e| StateError::Malformed(e.to_string()))?;
+pub fn decode_state(encoding: Encoding, bytes: &[u8]) -> Result<PeerState, StateError> {
+    let state: PeerState = match encoding {
+        Encoding::Json => {
+            serde_json::from_slice(bytes).map_err(|e| StateError::Malformed(e.to_string()))?
+        }
+        Encoding::Compact => {
+            compact::decode(bytes).map_err(|e| StateError::Malformed(e.to_string()))?
+        }
+    };
     check_peer_state(&state)?;
     Ok(state)
 }
@@ -360,7 +431,7 @@ mod tests {
         ];
         for (entries, want) in table {
             let bytes = serde_json::to_vec(&state(entries)).unwrap();
-            let got = decode_state(&bytes);
+            let got = decode_state(Encoding::Json, &bytes);
             match want {
                 None => assert!(got.is_ok(), "{got:?}"),
                 Some(text) => {
@@ -370,7 +441,10 @@ mod tests {
             }
         }
         for bad in [&b"not json"[..], b"{}", b"{\"pod\":1}"] {
-            assert_eq!(decode_state(bad).unwrap_err().reason(), "malformed");
+            assert_eq!(
+                decode_state(Encoding::Json, bad).unwrap_err().reason(),
+                "malformed"
+            );
         }
     }
 
@@ -394,15 +468,49 @@ mod tests {
             MAX_ENTRIES,
             bytes.len()
         );
-        decode_state(&bytes).unwrap();
+        decode_state(Encoding::Json, &bytes).unwrap();
+        // The compact form of a state is never longer than its JSON.
+        let compact = Encoding::Compact.encode(&longest);
+        assert!(compact.len() < bytes.len());
+        assert_eq!(
+            decode_state(Encoding::Compact, &compact),
+            Ok(longest.clone())
+        );
         // One more is refused, however short.
         longest.entries.push(e("t-9", "z", 0));
         let bytes = serde_json::to_vec(&longest).unwrap();
-        assert_eq!(decode_state(&bytes).unwrap_err().reason(), "too_many");
+        assert_eq!(
+            decode_state(Encoding::Json, &bytes).unwrap_err().reason(),
+            "too_many"
+        );
     }
 
     /// News counts against the entry limit, so it must never be longer
     /// than the longest entry.
+    #[test]
+    fn compact_is_answered_only_to_who_names_it() {
+        let accepted = |accept: &str| Encoding::accepted(Some(accept.as_bytes()));
+        assert_eq!(accepted(ACCEPT_STATE), Encoding::Compact);
+        assert_eq!(
+            accepted("application/json, Application/X-Tally-State ; q=0.9"),
+            Encoding::Compact
+        );
+        for json in [
+            "*/*",
+            "application/json",
+            "application/x-tally-state;q=0",
+            "application/x-tally-state; q=0.0",
+            "application/x-tally-states",
+        ] {
+            assert_eq!(accepted(json), Encoding::Json, "{json}");
+        }
+        assert_eq!(Encoding::accepted(None), Encoding::Json);
+        let of = |ct: &str| Encoding::of_content_type(Some(ct.as_bytes()));
+        assert_eq!(of("application/x-tally-state"), Encoding::Compact);
+        assert_eq!(of("application/json; charset=utf-8"), Encoding::Json);
+        assert_eq!(Encoding::of_content_type(None), Encoding::Json);
+    }
+
     #[test]
     fn the_longest_notice_is_shorter_than_the_longest_entry() {
         let notice = Notice {
@@ -429,17 +537,17 @@ mod tests {
         };
         let mut s = state(vec![e("t-1", "b", 1)]);
         s.news = vec![notice("t-2"), notice("t-3")];
-        decode_state(&serde_json::to_vec(&s).unwrap()).unwrap();
+        decode_state(Encoding::Json, &serde_json::to_vec(&s).unwrap()).unwrap();
         s.news = vec![notice("t 2")];
-        let bad = decode_state(&serde_json::to_vec(&s).unwrap()).unwrap_err();
+        let bad = decode_state(Encoding::Json, &serde_json::to_vec(&s).unwrap()).unwrap_err();
         assert_eq!(bad.reason(), "bad_name");
         s.news = vec![notice("t-2"), notice("t-2")];
-        let twice = decode_state(&serde_json::to_vec(&s).unwrap()).unwrap_err();
+        let twice = decode_state(Encoding::Json, &serde_json::to_vec(&s).unwrap()).unwrap_err();
         assert_eq!(twice.reason(), "duplicate");
         s.news = (0..MAX_ENTRIES)
             .map(|i| notice(&format!("t-{i}")))
             .collect();
-        let many = decode_state(&serde_json::to_vec(&s).unwrap()).unwrap_err();
+        let many = decode_state(Encoding::Json, &serde_json::to_vec(&s).unwrap()).unwrap_err();
         assert_eq!(many.reason(), "too_many");
     }
 }
