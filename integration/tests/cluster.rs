@@ -953,6 +953,34 @@ async fn a_new_pod_is_counted_at_once_while_dns_still_serves_a_cached_answer() {
     assert_eq!(pods.total(1).await.0["total"], 9);
 }
 
+/// An announce can be older than DNS: the e2e suite replaced tally-2 while
+/// a network policy dropped its new announce, and tally-0 kept asking the
+/// old pod's announced address for the announce's minute, so totals stayed
+/// incomplete though DNS listed the new address and it answered. A member
+/// that fails at its announced address is asked where DNS lists it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_announce_does_not_hide_a_member_dns_lists_elsewhere() {
+    let pods = Pods::start(18, 2, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
+    pods.visit(1, 4).await;
+    let local = pods.get(1, "/visits/local").await.json();
+    let incarnation = local["incarnation"].as_str().unwrap();
+    // tally-1 "announces" itself at an address where nothing listens.
+    let gone = SocketAddr::new(pods.ip(9).into(), pods.pod(1).peer_addr.port());
+    let stale = format!(
+        r#"{{"pod":"tally-1","incarnation":"{incarnation}","entries":[{{"pod":"tally-1","incarnation":"{incarnation}","count":4}}],"announce":"{gone}"}}"#
+    );
+    let reply = put(pods.pod(0).peer_addr, &stale).await;
+    assert!(reply.starts_with("HTTP/1.1 204"), "{reply}");
+    pods.visit(1, 1).await;
+    let (view, _) = pods.total(0).await;
+    assert_eq!(
+        (view["total"].as_u64(), view["complete"].as_bool()),
+        (Some(5), Some(true)),
+        "{view}"
+    );
+    assert_eq!(row(&view, "tally-1")[0]["source"], "live", "{view}");
+}
+
 /// design.md §5: when the SRV targets are not pod hostnames (the
 /// StatefulSet's `serviceName` is not the peers Service, so CoreDNS names
 /// endpoints `a-b-c-d.<svc>`), members are known by the pod name they answer

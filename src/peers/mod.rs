@@ -608,6 +608,8 @@ impl Inner {
         let (dns, discovery_error) = self.resolve(discovery, deadline).await;
         let mut peers = self.with_news(&dns);
         let mut results = self.fetch(&peers, deadline).await;
+        self.ask_where_dns_says(&dns, &mut peers, &mut results, deadline)
+            .await;
         // What the siblings heard may name members this pod never heard
         // of, or a new address for one it could not reach: fetch those too,
         // in this round, or a total could be complete without them.
@@ -665,6 +667,46 @@ impl Inner {
             metrics.discovery_failures.inc();
         }
         round
+    }
+
+    /// An announce can be older than DNS's answer: the pod was replaced at
+    /// a new address since, and its new announce never reached this pod
+    /// (dropped by a network policy, a partition). Where a member failed at
+    /// its announced address and DNS lists it elsewhere, this round asks
+    /// there too, so a stale announce cannot keep totals incomplete for
+    /// the minute it lives. The answer must still come from that pod by
+    /// name, so asking the other address can only add a member's own word.
+    async fn ask_where_dns_says(
+        &self,
+        dns: &[Peer],
+        peers: &mut [Peer],
+        results: &mut Vec<Fetched>,
+        deadline: Instant,
+    ) {
+        let elsewhere: Vec<Peer> = dns
+            .iter()
+            .filter(|d| {
+                results
+                    .iter()
+                    .any(|(q, result, _)| q.pod == d.pod && q.addr != d.addr && result.is_err())
+            })
+            .cloned()
+            .collect();
+        if elsewhere.is_empty() {
+            return;
+        }
+        tracing::debug!(members = ?elsewhere.iter().map(|p| &p.pod).collect::<Vec<_>>(), "not at the announced address: asking where DNS says");
+        let answers = self.fetch(&elsewhere, deadline).await;
+        for (peer, result, latency) in answers {
+            if result.is_err() {
+                continue;
+            }
+            if let Some(listed) = peers.iter_mut().find(|p| p.pod == peer.pod) {
+                listed.addr = peer.addr;
+            }
+            results.retain(|(q, _, _)| q.pod != peer.pod);
+            results.push((peer, result, latency));
+        }
     }
 
     /// Background refresh: asks [`GOSSIP_FANOUT`] siblings picked at random
