@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::discovery::{Discovery, DiscoveryError};
+use crate::http::edge::{Edge, Port};
 use crate::http::peer::PeerGate;
 use crate::http::{self, App, server};
 use crate::identity::{Identity, IdentityError};
@@ -171,7 +172,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let siblings = tokio::spawn(server::serve(
         peer_listener,
-        http::peer::router(app.clone(), config.request_timeout),
+        Edge::new(app.clone(), Port::Peer, config.request_timeout),
         limits,
         async {
             let _ = peers_stopped.await;
@@ -202,7 +203,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let clients = early.is_none().then(|| {
         tokio::spawn(server::serve(
             listener,
-            http::router(app.clone(), config.request_timeout),
+            Edge::new(app.clone(), Port::Client, config.request_timeout),
             limits,
             async {
                 let _ = clients_stopped.await;

@@ -4,27 +4,25 @@
 //! peer traffic never do. Unknown paths get 404, wrong methods 405 with
 //! `Allow`, both with a short body; requests with a body get 413.
 
+pub mod edge;
 pub mod page;
 pub mod peer;
 pub mod server;
 
-use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use serde::{Deserialize, Serialize};
-use tower_http::timeout::TimeoutLayer;
+use http::header::{self, HeaderValue};
+use http::{Method, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
 
-use crate::metrics::{Metrics, RouteLabels};
+use crate::metrics::Metrics;
 use crate::peers::Cluster;
 use crate::store::{Store, StoreError};
+use edge::{
+    Chunks, Response, Route, body_refused, empty, json, method_not_allowed, text, with_type, within,
+};
 
 /// What every handler needs.
 pub struct App {
@@ -49,48 +47,82 @@ pub struct App {
 }
 
 /// The client port's routes: everything but the peer routes (those are on
-/// the peer port, [`peer::router`]).
-pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
-    let routes = Router::new()
-        .route("/", get(visit).head(head_root))
-        .route("/visits/local", get(local))
-        .route("/visits", get(local))
-        .route("/visits/total", get(total))
-        .route("/healthz", get(healthz))
-        .route("/health", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try / or /visits/total\n") });
-    edge(routes, ROUTE_LABELS, true, app, request_timeout)
-}
+/// the peer port, [`peer::PEER_ROUTES`]).
+pub const CLIENT_ROUTES: &[Route] = &[
+    Route {
+        path: "/",
+        allow: "GET,HEAD",
+    },
+    Route {
+        path: "/visits/local",
+        allow: "GET,HEAD",
+    },
+    Route {
+        path: "/visits",
+        allow: "GET,HEAD",
+    },
+    Route {
+        path: "/visits/total",
+        allow: "GET,HEAD",
+    },
+    Route {
+        path: "/healthz",
+        allow: "GET,HEAD",
+    },
+    Route {
+        path: "/health",
+        allow: "GET,HEAD",
+    },
+    Route {
+        path: "/readyz",
+        allow: "GET,HEAD",
+    },
+    Route {
+        path: "/metrics",
+        allow: "GET,HEAD",
+    },
+    Route {
+        path: "/favicon.ico",
+        allow: "GET,HEAD",
+    },
+];
 
-/// What both ports wrap their routes in: the request metrics (labelled with
-/// `labels`, the port's routes), the request time limit, `405` with
-/// `Allow`, and (`no_bodies`) `413` for any request with a body. Wrapped
-/// around the whole router, so once per request: a layer added with
-/// `Router::layer` wraps every route in its own boxed service, and each
-/// request cloned (allocated) one per layer.
-fn edge(
-    routes: Router<Arc<App>>,
-    labels: &'static [&'static str],
-    no_bodies: bool,
-    app: Arc<App>,
+/// The client port: no route takes a body, so one is refused before
+/// anything else. `GET /` needs no time limit of its own: the store gives
+/// up after `commit_timeout_ms`, which the configuration keeps below
+/// `request_timeout_ms`; `/visits/total` waits on siblings and gets one.
+async fn client(
+    app: &Arc<App>,
+    route: Option<&Route>,
+    request: http::Request<Incoming>,
     request_timeout: Duration,
-) -> Router {
-    let stack = tower::ServiceBuilder::new()
-        .layer(middleware::from_fn_with_state(
-            (app.clone(), labels),
-            observe,
-        ))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            request_timeout,
-        ))
-        .layer(middleware::from_fn(explain_405))
-        .option_layer(no_bodies.then(|| middleware::from_fn(refuse_bodies)))
-        .service(routes.with_state(app));
-    Router::new().fallback_service(stack)
+) -> Response {
+    if edge::has_body(request.headers()) {
+        return body_refused();
+    }
+    let Some(route) = route else {
+        return text(StatusCode::NOT_FOUND, "not found: try / or /visits/total\n");
+    };
+    let method = request.method();
+    if !route.allows(method) {
+        return method_not_allowed(route);
+    }
+    let query = request.uri().query();
+    let answer = match route.path {
+        "/" if method == Method::HEAD => Ok(head_root()),
+        "/" => visit(app, &request).await,
+        "/visits/local" | "/visits" => local(app, query),
+        "/visits/total" => match wants_text(query) {
+            Ok(as_text) => Ok(within(request_timeout, total(app, as_text)).await),
+            Err(error) => Err(error),
+        },
+        "/healthz" | "/health" => Ok(healthz()),
+        "/readyz" => Ok(readyz(app)),
+        "/metrics" => Ok(metrics(app)),
+        "/favicon.ico" => Ok(empty(StatusCode::NO_CONTENT)),
+        other => Err(ApiError::BadRequest(format!("{other} has no handler"))),
+    };
+    answer.unwrap_or_else(ApiError::response)
 }
 
 /// A client error or an unavailable store, as a response.
@@ -108,27 +140,19 @@ enum ApiError {
     Busy(&'static str),
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    fn response(self) -> Response {
         // Not logged here: client mistakes are not errors of ours, and the
         // store already logged why it is unavailable.
         let status = match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Busy(_) => {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(header::RETRY_AFTER, "1")],
-                    format!("{self}\n"),
-                )
-                    .into_response();
-            }
         };
-        let mut response = (status, format!("{self}\n")).into_response();
+        let mut response = text(status, format!("{self}\n"));
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            // The visit was not counted: safe to retry, after a moment.
+            // Nothing was counted or taken: safe to retry, after a moment.
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -143,14 +167,18 @@ impl From<StoreError> for ApiError {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct FormatParam {
-    format: Option<String>,
-}
-
-/// `?format=text` → bare number; absent or `json` → JSON.
-fn wants_text(param: &FormatParam) -> Result<bool, ApiError> {
-    match param.format.as_deref() {
+/// `?format=text` → bare number; absent or `format=json` → JSON. Other
+/// parameters are ignored.
+fn wants_text(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut format = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if key == "format" && format.replace(value).is_some() {
+            return Err(ApiError::BadRequest(
+                "format is given twice: give it once, format=text or format=json".into(),
+            ));
+        }
+    }
+    match format.as_deref() {
         None | Some("json") => Ok(false),
         Some("text") => Ok(true),
         Some(other) => Err(ApiError::BadRequest(format!(
@@ -159,16 +187,21 @@ fn wants_text(param: &FormatParam) -> Result<bool, ApiError> {
     }
 }
 
-fn number_or_json(text: bool, n: u64, json: serde_json::Value) -> Response {
-    if text {
-        (
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("{n}\n"),
-        )
-            .into_response()
+fn number_or_json(as_text: bool, n: u64, value: &impl Serialize) -> Response {
+    if as_text {
+        let mut line = itoa(n);
+        line.push('\n');
+        text(StatusCode::OK, line)
     } else {
-        axum::Json(json).into_response()
+        json(value)
     }
+}
+
+/// `n` in decimal, without the formatting machinery (the hot paths).
+fn itoa(n: u64) -> String {
+    let mut out = String::with_capacity(21);
+    page::push_u64(&mut out, n);
+    out
 }
 
 /// `GET /` as JSON.
@@ -189,23 +222,29 @@ struct ClusterJson {
     members: usize,
 }
 
-/// Takes the request itself, not a `HeaderMap`: that extractor clones every
-/// header, on the path every counted visit takes. The cluster part comes
-/// from the last snapshot with this visit's count patched in, never from a
-/// view built per visit.
-async fn visit(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
-    let headers = request.headers();
+/// `GET /visits/local` as JSON.
+#[derive(Serialize)]
+struct LocalJson<'a> {
+    pod: &'a str,
+    incarnation: &'a str,
+    count: u64,
+}
+
+/// Counts a visit. The cluster part comes from the last snapshot with this
+/// visit's count patched in, never from a view built per visit.
+async fn visit(app: &App, request: &http::Request<Incoming>) -> Result<Response, ApiError> {
     let count = app.store.visit().await?;
     let cluster = app.cluster.snapshot();
     let total = cluster.total_with(count);
     app.metrics.total.set(total as i64);
     let time = app.clock.now();
-    let json = headers
+    let as_json = request
+        .headers()
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/json"));
-    Ok(if json {
-        axum::Json(VisitJson {
+    Ok(if as_json {
+        json(&VisitJson {
             pod: &app.pod,
             incarnation: app.store.incarnation(),
             count,
@@ -217,7 +256,6 @@ async fn visit(State(app): State<Arc<App>>, request: Request) -> Result<Response
                 members: cluster.view.members,
             },
         })
-        .into_response()
     } else {
         let html = app.page.render(&page::Visit {
             incarnation: app.store.incarnation(),
@@ -225,163 +263,70 @@ async fn visit(State(app): State<Arc<App>>, request: Request) -> Result<Response
             time: &time,
             cluster: &cluster,
         });
-        (
-            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-            Body::new(html),
-        )
-            .into_response()
+        with_type(StatusCode::OK, HTML, html)
     })
 }
 
+const HTML: &str = "text/html; charset=utf-8";
+
 /// `HEAD /` answers like `GET /` would, without counting.
-async fn head_root() -> impl IntoResponse {
-    [(header::CONTENT_TYPE, "text/html; charset=utf-8")]
+fn head_root() -> Response {
+    with_type(StatusCode::OK, HTML, Chunks::default())
 }
 
-async fn local(
-    State(app): State<Arc<App>>,
-    Query(format): Query<FormatParam>,
-) -> Result<Response, ApiError> {
+fn local(app: &App, query: Option<&str>) -> Result<Response, ApiError> {
+    let as_text = wants_text(query)?;
     let count = app.store.count();
     Ok(number_or_json(
-        wants_text(&format)?,
+        as_text,
         count,
-        serde_json::json!({"pod": app.pod, "incarnation": app.store.incarnation(), "count": count}),
+        &LocalJson {
+            pod: &app.pod,
+            incarnation: app.store.incarnation(),
+            count,
+        },
     ))
 }
 
-async fn total(
-    State(app): State<Arc<App>>,
-    Query(format): Query<FormatParam>,
-) -> Result<Response, ApiError> {
-    let text = wants_text(&format)?;
+async fn total(app: &App, as_text: bool) -> Response {
     let view = app.cluster.total().await;
-    Ok(number_or_json(
-        text,
-        view.total,
-        serde_json::to_value(&view).expect("view serialises"),
-    ))
+    number_or_json(as_text, view.total, &view)
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+fn healthz() -> Response {
+    text(StatusCode::OK, "ok\n")
 }
 
-async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-        return (
+fn readyz(app: &App) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    if app.stopping.load(Relaxed) {
+        return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shutting down\n",
-        )
-            .into_response();
+        );
     }
-    if app.joining.load(std::sync::atomic::Ordering::Relaxed) {
-        return (
+    if app.joining.load(Relaxed) {
+        return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no sibling has taken this pod's announce yet (DNS failing, or its addresses stale); visits wait until one does, see the log\n",
-        )
-            .into_response();
+        );
     }
     match app.store.health() {
-        Ok(()) => "ready\n".into_response(),
-        Err(reason) => (
+        Ok(()) => text(StatusCode::OK, "ready\n"),
+        Err(reason) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),
-        )
-            .into_response(),
+        ),
     }
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+fn metrics(app: &App) -> Response {
     app.store.update_gauges();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        app.metrics.encode(),
+    with_type(
+        StatusCode::OK,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        Chunks::one(app.metrics.encode()),
     )
-        .into_response()
-}
-
-/// Refuses request bodies: no route takes one, and reading them would only
-/// cost memory.
-async fn refuse_bodies(request: Request, next: Next) -> Response {
-    let headers = request.headers();
-    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
-    if has_body {
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request bodies are not accepted\n",
-        )
-            .into_response();
-    }
-    next.run(request).await
-}
-
-/// Gives axum's bare 405 (which already carries `Allow`) a short body.
-async fn explain_405(request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
-    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
-        return response;
-    }
-    let (mut parts, _) = response.into_parts();
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(
-        parts,
-        Body::from("method not allowed: see the Allow header\n"),
-    )
-}
-
-/// The client port's routes: the labels of its request metrics.
-const ROUTE_LABELS: &[&str] = &[
-    "/",
-    "/visits/local",
-    "/visits",
-    "/visits/total",
-    "/healthz",
-    "/health",
-    "/readyz",
-    "/metrics",
-    "/favicon.ico",
-];
-
-/// The route `path` is, among a port's `labels` (every route is a fixed
-/// path), or `unmatched`: never a label made from what a client sent.
-fn route_label(labels: &'static [&'static str], path: &str) -> Cow<'static, str> {
-    Cow::Borrowed(
-        labels
-            .iter()
-            .find(|&&label| label == path)
-            .copied()
-            .unwrap_or("unmatched"),
-    )
-}
-
-/// Records the request duration by route and status.
-async fn observe(
-    State((app, labels)): State<(Arc<App>, &'static [&'static str])>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = route_label(labels, request.uri().path());
-    let started = Instant::now();
-    let response = next.run(request).await;
-    app.metrics
-        .http_duration
-        .get_or_create(&RouteLabels {
-            route,
-            status: response.status().as_u16(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    response
 }
 
 #[cfg(test)]
@@ -389,25 +334,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn route_labels_are_the_ports_routes_never_what_a_client_sent() {
-        assert_eq!(route_label(ROUTE_LABELS, "/"), "/");
-        assert_eq!(route_label(ROUTE_LABELS, "/visits/total"), "/visits/total");
-        for path in ["/nope", "/peer/state", "", "/visits/"] {
-            assert_eq!(route_label(ROUTE_LABELS, path), "unmatched", "{path}");
-        }
-    }
-
-    #[test]
     fn a_visit_not_recorded_is_503_with_retry_after() {
         for error in [
             StoreError::Stalled("no commit within 2000 ms (hung disk?)".into()),
             StoreError::Unavailable("cannot write visits.state: disk full".into()),
         ] {
-            let response = ApiError::from(error).into_response();
+            let response = ApiError::from(error).response();
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(response.headers()[header::RETRY_AFTER], "1");
         }
-        let response = ApiError::BadRequest("x".into()).into_response();
+        let response = ApiError::BadRequest("x".into()).response();
         assert!(!response.headers().contains_key(header::RETRY_AFTER));
+    }
+
+    #[test]
+    fn the_format_parameter_is_text_json_or_absent() {
+        assert!(!wants_text(None).unwrap());
+        assert!(!wants_text(Some("format=json")).unwrap());
+        assert!(wants_text(Some("format=text")).unwrap());
+        assert!(wants_text(Some("x=1&format=te%78t")).unwrap());
+        assert!(!wants_text(Some("formats=text&")).unwrap());
+        for bad in ["format=xml", "format=", "format=text&format=json"] {
+            let Err(ApiError::BadRequest(why)) = wants_text(Some(bad)) else {
+                panic!("{bad} accepted");
+            };
+            assert!(why.contains("format=text or format=json"), "{why}");
+        }
     }
 }

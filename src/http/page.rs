@@ -15,17 +15,14 @@
 //! the bars with the same markup the server writes, so a reload is never
 //! needed to see the cluster move.
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
+use super::edge::Chunks;
 use crate::peers::view::Snapshot;
 use crate::peers::wire::{PodView, Source, TotalView};
 
@@ -326,7 +323,7 @@ impl Template {
     }
 
     /// The page for one visit: the fixed head, the numbers, the fixed tail.
-    pub fn render(&self, visit: &Visit<'_>) -> PageBody {
+    pub fn render(&self, visit: &Visit<'_>) -> Chunks {
         let card = self.card(visit.cluster);
         let count = visit.count;
         let total = visit.cluster.total_with(count);
@@ -359,10 +356,7 @@ impl Template {
             push_u64(&mut out, n);
             out.push_str(&row.parts[3]);
         }
-        PageBody {
-            parts: [self.head.clone(), Bytes::from(out), self.tail.clone()],
-            next: 0,
-        }
+        Chunks::three(self.head.clone(), Bytes::from(out), self.tail.clone())
     }
 
     /// The card of `snapshot`, built the first time it is shown.
@@ -379,57 +373,9 @@ impl Template {
     }
 }
 
-/// The page as a response body: the shared head and tail around the
-/// request's own part, handed to the socket as they are (no copy into one
-/// buffer); its exact length makes the `Content-Length`.
-#[derive(Debug)]
-pub struct PageBody {
-    parts: [Bytes; 3],
-    next: usize,
-}
-
-impl PageBody {
-    /// The whole page (tests).
-    #[cfg(test)]
-    pub(crate) fn text(&self) -> String {
-        self.parts
-            .iter()
-            .map(|p| std::str::from_utf8(p).unwrap())
-            .collect()
-    }
-}
-
-impl Body for PageBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        while self.next < self.parts.len() {
-            let i = self.next;
-            self.next += 1;
-            let part = std::mem::take(&mut self.parts[i]);
-            if !part.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(part))));
-            }
-        }
-        Poll::Ready(None)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.parts[self.next..].iter().all(Bytes::is_empty)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.parts[self.next..].iter().map(|p| p.len() as u64).sum())
-    }
-}
-
 /// Writes `n` in decimal (without the formatting machinery: it runs
 /// several times per visit).
-fn push_u64(out: &mut String, mut n: u64) {
+pub(crate) fn push_u64(out: &mut String, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -472,6 +418,7 @@ fn escape(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::peers::wire::{PodView, Source};
+    use hyper::body::Body as _;
 
     fn row(pod: &str, count: u64, source: Source, error: Option<&str>) -> PodView {
         PodView::test(pod, count, source, error)

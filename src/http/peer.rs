@@ -10,20 +10,18 @@
 //! than queued, so stalled senders hold no memory.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{Request, State};
-use axum::handler::Handler;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{ApiError, App, edge, healthz, readyz, refuse_bodies};
+use super::edge::{
+    self, Chunks, Response, Route, body_refused, empty, method_not_allowed, text, with_type,
+};
+use super::{ApiError, App, healthz, readyz};
 use crate::merge::Key;
 use crate::peers::delta;
 use crate::peers::wire::{Encoding, FORGET_PATH, MAX_PEER_BODY, PEER_PATH};
@@ -72,33 +70,68 @@ impl PeerGate {
 }
 
 /// The peer port's routes.
-pub fn router(app: Arc<App>, request_timeout: Duration) -> Router {
-    let peer_routes = Router::new()
-        .route(
-            PEER_PATH,
-            get(peer_state.layer(middleware::from_fn(refuse_bodies))).put(receive_state),
-        )
-        .route(FORGET_PATH, axum::routing::post(forget))
-        // The token first, then a request slot: an outsider cannot even
-        // take a slot.
-        .layer(middleware::from_fn_with_state(app.clone(), admit));
-    let routes = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/health", get(healthz))
-        .route("/readyz", get(readyz))
-        .layer(middleware::from_fn(refuse_bodies))
-        .merge(peer_routes)
-        .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                "not found: the peer port serves /peer/state, /healthz and /readyz; clients use the client port\n",
-            )
-        });
-    edge(routes, PEER_ROUTES, false, app, request_timeout)
-}
+pub const PEER_ROUTES: &[Route] = &[
+    Route {
+        path: PEER_PATH,
+        allow: "GET,HEAD,PUT",
+    },
+    Route {
+        path: FORGET_PATH,
+        allow: "POST",
+    },
+    Route {
+        path: "/healthz",
+        allow: "GET,HEAD",
+    },
+    Route {
+        path: "/health",
+        allow: "GET,HEAD",
+    },
+    Route {
+        path: "/readyz",
+        allow: "GET,HEAD",
+    },
+];
 
-/// The peer port's routes: the labels of its request metrics.
-const PEER_ROUTES: &[&str] = &[PEER_PATH, FORGET_PATH, "/healthz", "/health", "/readyz"];
+/// The peer port. On the peer routes the token comes first, then a
+/// request slot: an outsider cannot even take a slot, nor learn which
+/// methods a route answers.
+pub(super) async fn handle(
+    app: &Arc<App>,
+    route: Option<&Route>,
+    request: http::Request<Incoming>,
+) -> Response {
+    let Some(route) = route else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: the peer port serves /peer/state, /healthz and /readyz; clients use the client port\n",
+        );
+    };
+    let peer_route = route.path == PEER_PATH || route.path == FORGET_PATH;
+    let _slot = if peer_route {
+        match authorize(app, request.headers()).and_then(|()| app.peer_gate.request_slot()) {
+            Ok(slot) => Some(slot),
+            Err(error) => return refuse(app, error),
+        }
+    } else {
+        None
+    };
+    let method = request.method().clone();
+    if !route.allows(&method) {
+        return method_not_allowed(route);
+    }
+    let takes_body = method == Method::PUT || method == Method::POST;
+    if !takes_body && edge::has_body(request.headers()) {
+        return body_refused();
+    }
+    match route.path {
+        PEER_PATH if method == Method::PUT => receive_state(app, request).await,
+        PEER_PATH => peer_state(app, &request),
+        FORGET_PATH => forget(app, request).await,
+        "/readyz" => readyz(app),
+        _ => healthz(),
+    }
+}
 
 /// The token check, in constant time.
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -117,23 +150,11 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Token, then a request slot; nothing of the body is read here.
-async fn admit(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let slot = match authorize(&app, request.headers()).and_then(|()| app.peer_gate.request_slot())
-    {
-        Ok(slot) => slot,
-        Err(error) => return refuse(&app, error),
-    };
-    let response = next.run(request).await;
-    drop(slot);
-    response
-}
-
 fn refuse(app: &App, error: ApiError) -> Response {
     if let ApiError::Busy(_) = error {
         app.metrics.refusal("busy");
     }
-    error.into_response()
+    error.response()
 }
 
 /// Everything this pod knows; with `?since=<cursor>` only what changed
@@ -141,7 +162,8 @@ fn refuse(app: &App, error: ApiError) -> Response {
 /// fetch in the `tally-cursor` header ([`delta`]).
 /// Siblings ask for the [`compact`](crate::peers::compact) form; anyone
 /// else (`curl`) gets JSON.
-async fn peer_state(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) -> Response {
+fn peer_state(app: &App, request: &http::Request<Incoming>) -> Response {
+    let uri = request.uri();
     let (state, cursor) = match delta::since(uri.query()) {
         Some(since) => {
             let (state, cursor) = app.cluster.peer_delta(since, delta::have(uri.query()));
@@ -149,11 +171,16 @@ async fn peer_state(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) -
         }
         None => (app.cluster.peer_state(), None),
     };
-    let encoding = Encoding::accepted(headers.get(header::ACCEPT).map(HeaderValue::as_bytes));
+    let encoding = Encoding::accepted(
+        request
+            .headers()
+            .get(header::ACCEPT)
+            .map(HeaderValue::as_bytes),
+    );
     let body = encoding.encode(&state);
     app.metrics.peer_served.inc();
     app.metrics.peer_bytes_served.inc_by(body.len() as u64);
-    let mut response = ([(header::CONTENT_TYPE, encoding.content_type())], body).into_response();
+    let mut response = with_type(StatusCode::OK, encoding.content_type(), Chunks::one(body));
     if let Some(cursor) = cursor {
         response.headers_mut().insert(delta::CURSOR_HEADER, cursor);
     }
@@ -162,22 +189,22 @@ async fn peer_state(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) -
 
 /// A sibling's state handed over (`PUT`): on its way out, or a retirement
 /// spreading. The body is read only within its share of the budget.
-async fn receive_state(State(app): State<Arc<App>>, request: Request) -> Response {
-    let received = read_body(&app, request).await.and_then(|body| {
+async fn receive_state(app: &App, request: http::Request<Incoming>) -> Response {
+    let received = read_body(app, request).await.and_then(|body| {
         app.cluster
             .receive(&body)
             .map_err(|e| ApiError::BadRequest(e.to_string()))
     });
     match received {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(error) => refuse(&app, error),
+        Ok(()) => empty(StatusCode::NO_CONTENT),
+        Err(error) => refuse(app, error),
     }
 }
 
 /// `tally forget`: retires a counter cluster-wide (body: `{"pod","incarnation"}`).
-async fn forget(State(app): State<Arc<App>>, request: Request) -> Response {
+async fn forget(app: &App, request: http::Request<Incoming>) -> Response {
     let retired = async {
-        let body = read_body(&app, request).await?;
+        let body = read_body(app, request).await?;
         let key: Key = serde_json::from_slice(&body).map_err(|e| {
             ApiError::BadRequest(format!("expected {{\"pod\":…,\"incarnation\":…}}: {e}"))
         })?;
@@ -187,13 +214,13 @@ async fn forget(State(app): State<Arc<App>>, request: Request) -> Response {
             .map_err(|e| ApiError::BadRequest(e.to_string()))
     };
     match retired.await {
-        Ok(retired) => axum::Json(retired).into_response(),
-        Err(error) => refuse(&app, error),
+        Ok(retired) => edge::json(&retired),
+        Err(error) => refuse(app, error),
     }
 }
 
 /// Reads a peer body within its share of the budget.
-async fn read_body(app: &App, request: Request) -> Result<bytes::Bytes, ApiError> {
+async fn read_body(app: &App, request: http::Request<Incoming>) -> Result<bytes::Bytes, ApiError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)

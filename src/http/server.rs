@@ -8,13 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+use super::edge::Edge;
 
 /// Largest request head (request line + headers) accepted; hyper answers
 /// 431 past it.
@@ -31,11 +32,11 @@ pub struct Limits {
     pub grace: Duration,
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then drains.
+/// Serves `edge` on `listener` until `shutdown` completes, then drains.
 /// Returns whether every connection finished within the grace period.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    edge: Arc<Edge>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
@@ -65,9 +66,10 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let edge = edge.clone();
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
+            service_fn(move |request| edge.clone().serve(request)),
         );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
