@@ -18,7 +18,9 @@
 //! - [`discovery`]: members from the headless Service's SRV records.
 //! - [`peers`]: the peer client, the coalesced fan-out and the
 //!   `/visits/total` view; what a pod knows of the others, persisted.
-//! - [`http`]: router and handlers, the page, and the edge server.
+//! - [`http`]: the handlers of both ports, the page, the edge they share
+//!   (route table, 404/405/413, request metrics; on hyper directly) and the
+//!   accept loop.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`shutdown`]: the SIGTERM/SIGINT signal.
 //! - [`nslookup`]: the built-in `nslookup` (the image has no dnsutils).

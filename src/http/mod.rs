@@ -1,4 +1,5 @@
-//! The HTTP API (design.md §2): the router, its handlers and middleware.
+//! The HTTP API (design.md §2): the client port's routes and handlers; the
+//! peer port's are in [`peer`], what both share in [`edge`].
 //!
 //! Only `GET /` counts. `HEAD /`, probes, `/favicon.ico`, `/metrics` and
 //! peer traffic never do. Unknown paths get 404, wrong methods 405 with
