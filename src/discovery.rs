@@ -42,6 +42,10 @@ pub struct Peer {
     pub target: String,
     /// Address and port to reach it on.
     pub addr: SocketAddr,
+    /// Where DNS listed it when an announce put `addr` over DNS's address:
+    /// tried when `addr` fails, since an announce can be older than DNS's
+    /// answer (the pod replaced since, its new announce lost).
+    pub also: Option<SocketAddr>,
 }
 
 /// The result of one membership lookup.
@@ -220,6 +224,7 @@ impl Discovery {
                 pod: pod_of_target(&target).to_string(),
                 target,
                 addr: SocketAddr::new(ip, srv.port),
+                also: None,
             });
         }
         peers.sort_by(|a, b| a.pod.cmp(&b.pod));

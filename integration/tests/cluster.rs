@@ -91,6 +91,16 @@ impl Pods {
         self.pods[i].as_ref().expect("pod is running")
     }
 
+    /// Stops pod `i` with SIGTERM (its hand-over and final commit), waiting
+    /// up to 10 s for it to exit.
+    fn terminate(&mut self, i: usize) {
+        self.pods[i]
+            .take()
+            .expect("the pod runs")
+            .terminate(Duration::from_secs(10))
+            .unwrap();
+    }
+
     /// Publishes every pod that was started at least once, at its address.
     fn publish_all(&self) {
         let names: Vec<String> = (0..self.pods.len()).map(|i| format!("tally-{i}")).collect();
@@ -204,11 +214,7 @@ async fn scale_down_and_a_replaced_volume_never_lower_the_total() {
     assert_eq!(pods.total(0).await.0["total"], 10);
 
     // Scale 3 → 2: tally-2 stops and its records go.
-    pods.pods[2]
-        .take()
-        .unwrap()
-        .terminate(Duration::from_secs(10))
-        .unwrap();
+    pods.terminate(2);
     pods.publish_all();
     let (view, _) = pods.total(0).await;
     assert_eq!(view["total"], 10, "{view}");
@@ -222,11 +228,7 @@ async fn scale_down_and_a_replaced_volume_never_lower_the_total() {
     // tally-1 comes back on a new, empty volume: a new incarnation.
     let old = pods.total(1).await.0;
     let old_incarnation = row(&old, "tally-1")[0]["incarnation"].clone();
-    pods.pods[1]
-        .take()
-        .unwrap()
-        .terminate(Duration::from_secs(10))
-        .unwrap();
+    pods.terminate(1);
     pods.dirs[1] = tempfile::tempdir().unwrap();
     pods.pods[1] = Some(pods.launch(1));
     pods.publish_all();
@@ -786,11 +788,7 @@ async fn a_pod_hands_its_final_count_over_on_sigterm() {
     let mut pods = Pods::start(12, 2, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
     // Nobody ever fetches tally-1 after these visits...
     pods.visit(1, 5).await;
-    pods.pods[1]
-        .take()
-        .unwrap()
-        .terminate(Duration::from_secs(10))
-        .unwrap();
+    pods.terminate(1);
     // ...and it is gone from DNS: tally-0 knows its count only because
     // tally-1 handed it over on the way out.
     pods.publish_all();
@@ -1117,11 +1115,7 @@ async fn a_volume_restored_from_a_backup_forks_and_the_total_stays_exact() {
     let mut pods = Pods::start(17, 2, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
     pods.visit(0, 3).await;
     let stop = |pods: &mut Pods| {
-        pods.pods[0]
-            .take()
-            .unwrap()
-            .terminate(Duration::from_secs(10))
-            .unwrap();
+        pods.terminate(0);
     };
     // The backup: a copy of tally-0's volume at 3 visits.
     stop(&mut pods);
@@ -1173,11 +1167,7 @@ async fn a_pod_that_left_does_not_keep_totals_incomplete_while_dns_still_lists_i
         (view["total"].as_u64(), view["members"].as_u64()),
         (Some(7), Some(3))
     );
-    pods.pods[2]
-        .take()
-        .unwrap()
-        .terminate(Duration::from_secs(10))
-        .unwrap();
+    pods.terminate(2);
     pods.publish_all();
     for i in 0..2 {
         let (view, _) = pods.total(i).await;

@@ -38,6 +38,14 @@ pub struct Route {
 }
 
 impl Route {
+    /// A route answering `GET` (and so `HEAD`).
+    pub const fn get(path: &'static str) -> Route {
+        Route {
+            path,
+            allow: "GET,HEAD",
+        }
+    }
+
     pub fn allows(&self, method: &Method) -> bool {
         self.allow.split(',').any(|m| m == method.as_str())
     }

@@ -50,42 +50,15 @@ pub struct App {
 /// The client port's routes: everything but the peer routes (those are on
 /// the peer port, [`peer::PEER_ROUTES`]).
 pub const CLIENT_ROUTES: &[Route] = &[
-    Route {
-        path: "/",
-        allow: "GET,HEAD",
-    },
-    Route {
-        path: "/visits/local",
-        allow: "GET,HEAD",
-    },
-    Route {
-        path: "/visits",
-        allow: "GET,HEAD",
-    },
-    Route {
-        path: "/visits/total",
-        allow: "GET,HEAD",
-    },
-    Route {
-        path: "/healthz",
-        allow: "GET,HEAD",
-    },
-    Route {
-        path: "/health",
-        allow: "GET,HEAD",
-    },
-    Route {
-        path: "/readyz",
-        allow: "GET,HEAD",
-    },
-    Route {
-        path: "/metrics",
-        allow: "GET,HEAD",
-    },
-    Route {
-        path: "/favicon.ico",
-        allow: "GET,HEAD",
-    },
+    Route::get("/"),
+    Route::get("/visits/local"),
+    Route::get("/visits"),
+    Route::get("/visits/total"),
+    Route::get("/healthz"),
+    Route::get("/health"),
+    Route::get("/readyz"),
+    Route::get("/metrics"),
+    Route::get("/favicon.ico"),
 ];
 
 /// The client port: no route takes a body, so one is refused before

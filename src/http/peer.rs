@@ -79,18 +79,9 @@ pub const PEER_ROUTES: &[Route] = &[
         path: FORGET_PATH,
         allow: "POST",
     },
-    Route {
-        path: "/healthz",
-        allow: "GET,HEAD",
-    },
-    Route {
-        path: "/health",
-        allow: "GET,HEAD",
-    },
-    Route {
-        path: "/readyz",
-        allow: "GET,HEAD",
-    },
+    Route::get("/healthz"),
+    Route::get("/health"),
+    Route::get("/readyz"),
 ];
 
 /// The peer port. On the peer routes the token comes first, then a

@@ -111,17 +111,24 @@ impl Announced {
 
     /// Adds the announced members to `peers` (DNS's answer): those DNS
     /// lacks are added, those DNS lists at another address get the
-    /// announced one (first-hand and newer than a cached answer).
+    /// announced one (first-hand and newer than a cached answer) with DNS's
+    /// kept as [`Peer::also`], tried when the announced one fails.
     pub fn add_to(&mut self, peers: &mut Vec<Peer>, now_ms: u64) {
         self.news.retain(|_, n| !expired(n, now_ms));
         for n in self.news.values().filter(|n| !n.left) {
             let Some(addr) = n.addr else { continue };
             match peers.iter_mut().find(|p| p.pod == n.pod) {
-                Some(peer) => peer.addr = addr,
+                Some(peer) => {
+                    if peer.addr != addr {
+                        peer.also = Some(peer.addr);
+                        peer.addr = addr;
+                    }
+                }
                 None => peers.push(Peer {
                     pod: n.pod.clone(),
                     target: ANNOUNCED_TARGET.to_string(),
                     addr,
+                    also: None,
                 }),
             }
         }
@@ -144,6 +151,7 @@ mod tests {
             pod: pod.into(),
             target: format!("{pod}.tally-headless.default.svc.cluster.local."),
             addr: addr.parse().unwrap(),
+            also: None,
         }
     }
 
@@ -177,6 +185,25 @@ mod tests {
         announced.add_to(&mut peers, t0 + 1000);
         assert_eq!(peers.len(), 2);
         assert_eq!(peers[1].target, peer("tally-2", "10.0.0.12:8081").target);
+        assert_eq!(peers[1].also, None);
+    }
+
+    #[test]
+    fn an_announce_goes_first_and_dns_address_stays_as_the_fallback() {
+        let t0 = 1_000_000;
+        let mut announced = Announced::default();
+        announced.record("tally-2", "10.0.0.12:8081".parse().unwrap(), t0);
+        // DNS lists tally-2 elsewhere: replaced since its announce (the new
+        // announce lost), or DNS's answer is the older one. Which is true
+        // is learnt by asking: the announce first, DNS's address if it fails.
+        let mut peers = vec![
+            peer("tally-0", "10.0.0.10:8081"),
+            peer("tally-2", "10.0.0.17:8081"),
+        ];
+        announced.add_to(&mut peers, t0 + 1000);
+        assert_eq!(pods(&peers)[1], ("tally-2", "10.0.0.12:8081".to_string()));
+        assert_eq!(peers[1].also, Some("10.0.0.17:8081".parse().unwrap()));
+        assert_eq!(peers[0].also, None);
     }
 
     #[test]

@@ -236,24 +236,24 @@ fn incarnation(out: &mut Vec<u8>, id: &str) {
         b'a'..=b'f' => Some(c - b'a' + 10),
         _ => None,
     };
-    let raw: Option<Vec<u8>> = (id.len() == 32)
-        .then(|| {
-            id.as_bytes()
-                .chunks(2)
-                .map(|pair| Some(hex(pair[0])? << 4 | hex(pair[1])?))
-                .collect()
-        })
-        .flatten();
-    match raw {
-        Some(raw) => {
-            out.push(0);
-            out.extend_from_slice(&raw);
+    // Written straight into `out` (no buffer per entry), taken back if a
+    // digit turns out not to be lowercase hex.
+    let start = out.len();
+    if id.len() == 32 {
+        out.push(0);
+        for pair in id.as_bytes().chunks(2) {
+            let (Some(high), Some(low)) = (hex(pair[0]), hex(pair[1])) else {
+                out.truncate(start);
+                break;
+            };
+            out.push(high << 4 | low);
         }
-        None => {
-            varint(out, id.len() as u64 + 1);
-            out.extend_from_slice(id.as_bytes());
+        if out.len() > start {
+            return;
         }
     }
+    varint(out, id.len() as u64 + 1);
+    out.extend_from_slice(id.as_bytes());
 }
 
 fn address(out: &mut Vec<u8>, addr: Option<SocketAddr>) {

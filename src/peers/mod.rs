@@ -608,8 +608,6 @@ impl Inner {
         let (dns, discovery_error) = self.resolve(discovery, deadline).await;
         let mut peers = self.with_news(&dns);
         let mut results = self.fetch(&peers, deadline).await;
-        self.ask_where_dns_says(&dns, &mut peers, &mut results, deadline)
-            .await;
         // What the siblings heard may name members this pod never heard
         // of, or a new address for one it could not reach: fetch those too,
         // in this round, or a total could be complete without them.
@@ -634,6 +632,15 @@ impl Inner {
             results.retain(|(q, _, _)| !again.iter().any(|p| p.pod == q.pod));
             results.extend(self.fetch(&again, deadline).await);
             peers = now;
+        }
+        // A member that answered at its fallback address is there.
+        for peer in &mut peers {
+            if let Some((answered, _, _)) = results
+                .iter()
+                .find(|(q, result, _)| q.pod == peer.pod && result.is_ok())
+            {
+                peer.addr = answered.addr;
+            }
         }
         let merged = self.absorb_all(results);
         for peer in &mut peers {
@@ -667,46 +674,6 @@ impl Inner {
             metrics.discovery_failures.inc();
         }
         round
-    }
-
-    /// An announce can be older than DNS's answer: the pod was replaced at
-    /// a new address since, and its new announce never reached this pod
-    /// (dropped by a network policy, a partition). Where a member failed at
-    /// its announced address and DNS lists it elsewhere, this round asks
-    /// there too, so a stale announce cannot keep totals incomplete for
-    /// the minute it lives. The answer must still come from that pod by
-    /// name, so asking the other address can only add a member's own word.
-    async fn ask_where_dns_says(
-        &self,
-        dns: &[Peer],
-        peers: &mut [Peer],
-        results: &mut Vec<Fetched>,
-        deadline: Instant,
-    ) {
-        let elsewhere: Vec<Peer> = dns
-            .iter()
-            .filter(|d| {
-                results
-                    .iter()
-                    .any(|(q, result, _)| q.pod == d.pod && q.addr != d.addr && result.is_err())
-            })
-            .cloned()
-            .collect();
-        if elsewhere.is_empty() {
-            return;
-        }
-        tracing::debug!(members = ?elsewhere.iter().map(|p| &p.pod).collect::<Vec<_>>(), "not at the announced address: asking where DNS says");
-        let answers = self.fetch(&elsewhere, deadline).await;
-        for (peer, result, latency) in answers {
-            if result.is_err() {
-                continue;
-            }
-            if let Some(listed) = peers.iter_mut().find(|p| p.pod == peer.pod) {
-                listed.addr = peer.addr;
-            }
-            results.retain(|(q, _, _)| q.pod != peer.pod);
-            results.push((peer, result, latency));
-        }
     }
 
     /// Background refresh: asks [`GOSSIP_FANOUT`] siblings picked at random
@@ -813,29 +780,47 @@ impl Inner {
                 .cloned()
                 .unwrap_or_default();
             async move {
-                self.metrics.peer_fetches.inc();
                 let t0 = Instant::now();
-                let result = self
-                    .client
-                    .fetch_since(peer.addr, limit, &since, have)
-                    .await
-                    .and_then(|(state, cursor)| {
-                        // SRV targets that are addresses are members by the
-                        // pod name they answer with; a pod name must answer
-                        // as itself.
-                        if state.pod == peer.pod || !self.names_a_pod(&peer.pod) {
-                            Ok((state, cursor))
-                        } else {
-                            Err(FetchError::Invalid(format!(
-                                "{} at {} answered as {:?}",
-                                peer.pod, peer.addr, state.pod
-                            )))
-                        }
-                    });
+                let mut peer = peer;
+                let mut result = self.fetch_at(&peer, peer.addr, limit, &since, have).await;
+                if let (Err(_), Some(also)) = (&result, peer.also) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let limit = self.limits.peer_timeout.min(left);
+                    let second = self.fetch_at(&peer, also, limit, &since, have).await;
+                    if second.is_ok() {
+                        tracing::debug!(pod = %peer.pod, announced = %peer.addr, %also,
+                            "not at its announced address; answered where DNS lists it");
+                        peer.addr = also;
+                        result = second;
+                    }
+                }
                 (peer, result, t0.elapsed())
             }
         });
         futures::future::join_all(fetches).await
+    }
+
+    /// One fetch from `peer` at `addr`. SRV targets that are addresses are
+    /// members by the pod name they answer with; a pod name must answer as
+    /// itself (so asking another address can only add a member's own word).
+    async fn fetch_at(
+        &self,
+        peer: &Peer,
+        addr: SocketAddr,
+        limit: Duration,
+        since: &str,
+        have: u64,
+    ) -> Result<(PeerState, Option<String>), FetchError> {
+        self.metrics.peer_fetches.inc();
+        let (state, cursor) = self.client.fetch_since(addr, limit, since, have).await?;
+        if state.pod == peer.pod || !self.names_a_pod(&peer.pod) {
+            Ok((state, cursor))
+        } else {
+            Err(FetchError::Invalid(format!(
+                "{} at {addr} answered as {:?}",
+                peer.pod, state.pod
+            )))
+        }
     }
 
     /// Checks and merges a batch of answers under the trust rules, first

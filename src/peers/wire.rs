@@ -186,9 +186,13 @@ impl Encoding {
             .into_iter()
             .flat_map(|a| a.split(|&b| b == b','))
             .any(|range| {
+                // `;q=0` (RFC 9110 §12.4.2: blanks only around the `;`)
+                // refuses the type; checked without copying the parameter.
                 let refused = range.split(|&b| b == b';').skip(1).any(|param| {
-                    let param: Vec<u8> = param.iter().copied().filter(|b| *b != b' ').collect();
-                    param.starts_with(b"q=") && param[2..].iter().all(|b| matches!(b, b'0' | b'.'))
+                    let param = param.trim_ascii();
+                    param.len() > 2
+                        && param[..2].eq_ignore_ascii_case(b"q=")
+                        && param[2..].iter().all(|b| matches!(b, b'0' | b'.'))
                 });
                 !refused && media_type(range).eq_ignore_ascii_case(compact::CONTENT_TYPE.as_bytes())
             });
@@ -500,6 +504,7 @@ mod tests {
             "application/json",
             "application/x-tally-state;q=0",
             "application/x-tally-state; q=0.0",
+            "application/x-tally-state;Q=0 ",
             "application/x-tally-states",
         ] {
             assert_eq!(accepted(json), Encoding::Json, "{json}");
