@@ -17,7 +17,7 @@ use crate::peers::wire::Retired;
 use crate::store::file::{self, AtomicFile, FileError};
 
 /// What this pod knows of the others, in its data directory.
-pub const PEERS_FILE: &str = "peers.state";
+pub use crate::store::PEERS_FILE;
 
 /// Errors loading the persisted view.
 #[derive(Debug, thiserror::Error)]

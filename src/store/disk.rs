@@ -17,7 +17,9 @@ use std::path::Path;
 
 /// A filesystem as the store uses it.
 pub trait Disk: Send + Sync + fmt::Debug {
-    /// The whole contents of `path`, `None` when it does not exist.
+    /// The whole contents of `path`, `None` when it does not exist (a
+    /// symbolic link to nothing is an error, not an absent file: writing
+    /// would replace the link).
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>>;
     /// Creates `path` empty (truncating it if it exists) and opens it for
     /// writing. Neither the name nor the data is durable until synced.
@@ -52,7 +54,16 @@ impl Disk for RealDisk {
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
         match std::fs::read(path) {
             Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match std::fs::read_link(path) {
+                Ok(target) => Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "it is a symbolic link to {}, which does not exist (restore the file, or replace the link with it)",
+                        target.display()
+                    ),
+                )),
+                Err(_) => Ok(None),
+            },
             Err(e) => Err(e),
         }
     }
@@ -125,5 +136,9 @@ mod tests {
         assert!(disk.open(&a).is_err());
         assert!(!disk.is_full(dir.path()).unwrap());
         assert!(disk.is_full(&dir.path().join("missing")).is_err());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        let err = disk.read(&link).unwrap_err().to_string();
+        assert!(err.contains("symbolic link") && err.contains("nowhere"), "{err}");
     }
 }

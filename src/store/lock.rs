@@ -27,11 +27,21 @@ pub enum LockError {
     },
 }
 
+/// What the holder line says once the store in the directory was opened:
+/// the directory has held a counter (see [`DirLock::previous_served`]).
+const SERVING: &str = " serving incarnation ";
+
 /// Held while the process serves the directory.
 #[derive(Debug)]
 pub struct DirLock {
     /// Open for as long as the lock is held: closing it releases the lock.
     _file: File,
+    /// The lock file, rewritten by [`serving`](Self::serving).
+    path: PathBuf,
+    /// This holder's line.
+    me: String,
+    /// What the previous holder had written, read under the lock.
+    previous: String,
 }
 
 impl DirLock {
@@ -66,13 +76,42 @@ impl DirLock {
             }
             Err(TryLockError::Error(e)) => return Err(io(e)),
         }
+        let mut previous = String::new();
+        // Unreadable text is no evidence of anything: the line is ours.
+        let _ = file.read_to_string(&mut previous);
         let me = format!(
-            "pid {} (pod {pod}) since unix time {}\n",
+            "pid {} (pod {pod}) since unix time {}",
             std::process::id(),
             super::unix_now()
         );
-        std::fs::write(&path, me).map_err(io)?;
-        Ok(DirLock { _file: file })
+        std::fs::write(&path, format!("{me}\n")).map_err(io)?;
+        Ok(DirLock {
+            _file: file,
+            path,
+            me,
+            previous,
+        })
+    }
+
+    /// Records in the lock file that this directory's counter, of
+    /// `incarnation`, is open: a later start that finds no `visits.state`
+    /// beside such a line knows the directory had one (design.md §6).
+    /// Written only once the counter file exists, so a crash during a
+    /// volume's very first start (lock taken, counter not yet written)
+    /// leaves no such line and the next start initialises it as new.
+    pub fn serving(&self, incarnation: &str) -> Result<(), LockError> {
+        std::fs::write(&self.path, format!("{}{SERVING}{incarnation}\n", self.me)).map_err(
+            |source| LockError::Io {
+                path: self.path.clone(),
+                source,
+            },
+        )
+    }
+
+    /// The incarnation an earlier process served here, if it said so.
+    pub fn previous_served(&self) -> Option<&str> {
+        let (_, incarnation) = self.previous.split_once(SERVING)?;
+        Some(incarnation.trim())
     }
 }
 
@@ -92,5 +131,23 @@ mod tests {
         assert!(err.contains(&me) && err.contains("in use"), "{err}");
         drop(first);
         DirLock::acquire(dir.path(), "tally-1").unwrap();
+    }
+
+    #[test]
+    fn the_next_holder_learns_which_incarnation_was_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DirLock::acquire(dir.path(), "tally-0").unwrap();
+        assert_eq!(first.previous_served(), None);
+        drop(first);
+        // Taken but never served (a crash during the first start).
+        assert_eq!(
+            DirLock::acquire(dir.path(), "tally-0").unwrap().previous_served(),
+            None
+        );
+        let second = DirLock::acquire(dir.path(), "tally-0").unwrap();
+        second.serving("ab12").unwrap();
+        drop(second);
+        let third = DirLock::acquire(dir.path(), "tally-0").unwrap();
+        assert_eq!(third.previous_served(), Some("ab12"));
     }
 }

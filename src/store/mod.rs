@@ -52,6 +52,10 @@ use policy::Policy;
 
 /// Name of the counter file inside the data directory.
 pub const STATE_FILE: &str = "visits.state";
+/// What a pod knows of the others, beside the counter (written by
+/// `peers::persist`; named here because the store owns the directory and
+/// refuses one that lost its counter but kept this).
+pub const PEERS_FILE: &str = "peers.state";
 /// How often an unhealthy store retries.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -81,6 +85,28 @@ pub enum StoreError {
     Init {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error(
+        "{path} is missing, but {dir} has served a counter before ({evidence}): tally will not \
+         silently start it again from 0. Restore {path} from a backup; or, to count on this \
+         volume as a new incarnation on purpose (the old incarnation's visits stay in the \
+         siblings' totals), run `tally new-incarnation --data-dir {dir}` and start again"
+    )]
+    Lost {
+        path: PathBuf,
+        dir: PathBuf,
+        evidence: String,
+    },
+    #[error(
+        "{path} is a symbolic link to {target}, which does not exist: tally neither follows \
+         nor replaces it. Restore the file it points to, or replace the link with the file"
+    )]
+    Dangling { path: PathBuf, target: PathBuf },
+    #[error("{path} already holds a counter (incarnation {incarnation}, count {count}): move it away first if this volume really must start a new incarnation")]
+    Exists {
+        path: PathBuf,
+        incarnation: String,
+        count: u64,
     },
     #[error("cannot store this pod's identity in {path}: {reason}")]
     Identity { path: PathBuf, reason: String },
@@ -161,6 +187,9 @@ struct Shared {
     count: AtomicU64,
     /// Why the last write failed, while it keeps failing.
     unhealthy: Mutex<Option<String>>,
+    /// Set when the file's commit sequence number is the last one: no
+    /// commit can follow (only a forged or damaged file gets there).
+    exhausted: Option<String>,
     /// Origin of the two clocks below.
     epoch: Instant,
     /// When the commit in progress began (µs after `epoch`, plus one); 0
@@ -228,6 +257,11 @@ impl Store {
             source,
         })?;
         let lock = DirLock::acquire(data_dir, pod)?;
+        let path = data_dir.join(STATE_FILE);
+        refuse_dangling(&path)?;
+        if !path.exists() {
+            refuse_lost(data_dir, &lock)?;
+        }
         Store::open_on(
             Arc::new(RealDisk),
             data_dir,
@@ -293,12 +327,16 @@ impl Store {
                 1
             }
         };
+        if let Some(lock) = &lock {
+            lock.serving(&state.incarnation)?;
+        }
         metrics.visits.inc_by(state.count);
         metrics.store_healthy.set(1);
         let shared = Arc::new(Shared {
             incarnation: state.incarnation.clone(),
             count: AtomicU64::new(state.count),
             unhealthy: Mutex::new(None),
+            exhausted: (seq == u64::MAX).then(|| last_seq(&path)),
             epoch: Instant::now(),
             commit_started: AtomicU64::new(0),
             oldest_pending: AtomicU64::new(0),
@@ -384,10 +422,22 @@ impl Store {
         self.shared.count.load(Ordering::Acquire)
     }
 
-    /// `Err(reason)` while writes fail or a commit is stuck.
+    /// `Err(reason)` while writes fail, a commit is stuck, or the count
+    /// cannot grow.
     pub fn health(&self) -> Result<(), String> {
         if let Some(reason) = self.shared.stuck() {
             return Err(reason);
+        }
+        if let Some(reason) = &self.shared.exhausted {
+            return Err(reason.clone());
+        }
+        if self.count() == u64::MAX {
+            return Err(format!(
+                "{} holds the largest count there is ({}): no visit can be counted on it; \
+                 restore it from a backup, or start a new incarnation (`tally new-incarnation`)",
+                self.shared.path.display(),
+                u64::MAX
+            ));
         }
         match &*self.shared.unhealthy.lock().expect("poisoned") {
             Some(reason) => Err(reason.clone()),
@@ -440,6 +490,63 @@ pub fn fork(data_dir: &Path, pod: &str) -> Result<StoredState, StoreError> {
     Ok(state)
 }
 
+/// `tally new-incarnation`: starts a new incarnation (count 0) on a data
+/// directory that lost its `visits.state` ([`StoreError::Lost`]), as the
+/// operator's explicit choice. Refuses a directory whose counter is there.
+pub fn start_new_incarnation(data_dir: &Path, pod: &str) -> Result<StoredState, StoreError> {
+    let path = data_dir.join(STATE_FILE);
+    refuse_dangling(&path)?;
+    if let Some(found) = inspect(data_dir)? {
+        return Err(StoreError::Exists {
+            path,
+            incarnation: found.incarnation,
+            count: found.count,
+        });
+    }
+    fork(data_dir, pod)
+}
+
+/// A `visits.state` that is a link to nothing is an error, not an absent
+/// file: initialising would replace the link and hide where the counter
+/// went.
+fn refuse_dangling(path: &Path) -> Result<(), StoreError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() && !path.exists() {
+        return Err(StoreError::Dangling {
+            path: path.to_path_buf(),
+            target: std::fs::read_link(path).unwrap_or_default(),
+        });
+    }
+    Ok(())
+}
+
+/// A directory without `visits.state` that shows an earlier life (the
+/// peer view, or a lock line saying a counter was served) lost its counter:
+/// starting it from 0 would lower the count siblings and clients saw.
+fn refuse_lost(data_dir: &Path, lock: &DirLock) -> Result<(), StoreError> {
+    let mut evidence: Vec<String> = [PEERS_FILE, "peers.state.tmp"]
+        .into_iter()
+        .filter(|name| std::fs::symlink_metadata(data_dir.join(name)).is_ok())
+        .map(|name| format!("{name} is there"))
+        .collect();
+    if let Some(incarnation) = lock.previous_served() {
+        evidence.push(format!(
+            "{} says incarnation {incarnation} was served",
+            lock::LOCK_FILE
+        ));
+    }
+    if evidence.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::Lost {
+        path: data_dir.join(STATE_FILE),
+        dir: data_dir.to_path_buf(),
+        evidence: evidence.join(", "),
+    })
+}
+
 fn new_incarnation() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the OS random source failed");
@@ -452,6 +559,15 @@ pub(crate) fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Why a file whose commit sequence number is the last cannot commit.
+fn last_seq(path: &Path) -> String {
+    format!(
+        "{} holds the last commit sequence number and cannot take another commit: \
+         restore it from a backup, or start a new incarnation (`tally new-incarnation`)",
+        path.display()
+    )
 }
 
 /// Why a commit did not happen.
@@ -543,7 +659,15 @@ impl Committer {
             self.shared.oldest_pending.store(stamp, Ordering::Release);
             let before = self.count;
             let sync = self.policy.syncs_each_commit();
-            match self.commit(before + batch.len() as u64, sync) {
+            let committed = match before.checked_add(batch.len() as u64) {
+                Some(count) => self.commit(count, sync),
+                None => Err(format!(
+                    "{} cannot count past {}",
+                    self.shared.path.display(),
+                    u64::MAX
+                )),
+            };
+            match committed {
                 Ok(()) => {
                     let mut delivered = 0;
                     for waiter in batch.drain(..) {
@@ -591,11 +715,7 @@ impl Committer {
         // or damaged one can) must not wrap to 0: the older slot would win on
         // the next start and the count would go back.
         let Some(seq) = self.seq.checked_add(1) else {
-            return Err(format!(
-                "{} holds the last commit sequence number and cannot take another commit: \
-                 move it away and restore it from a backup",
-                self.shared.path.display()
-            ));
+            return Err(last_seq(&self.shared.path));
         };
         if self.full() {
             return Err(self.failed(Failure::Full, sync, Instant::now()));
@@ -656,10 +776,18 @@ impl Committer {
     /// Turns the store unhealthy if the volume is full, so readiness fails
     /// within a second of it filling up even when no visit comes (a retry
     /// under way checks it already); schedules the next check.
+    /// Also opens the counter file for writing, so a volume remounted
+    /// read-only or a file made unwritable fails readiness before a visit
+    /// finds out (design.md §6).
     fn check_space(&mut self, now: Instant) {
         self.space_check_at = now + RETRY_EVERY;
-        if self.retry_at.is_none() && self.full() {
+        if self.retry_at.is_some() {
+            return;
+        }
+        if self.full() {
             self.failed(Failure::Full, false, now);
+        } else if let Err(error) = self.disk.open(&self.shared.path) {
+            self.failed(Failure::Io(error), false, now);
         }
     }
 

@@ -204,6 +204,7 @@ struct Inner {
     gate: Gate,
     fail_syncs: AtomicBool,
     full: AtomicBool,
+    read_only: AtomicBool,
     syncs: AtomicUsize,
 }
 
@@ -218,6 +219,7 @@ impl ModelDisk {
             gate: Gate::default(),
             fail_syncs: AtomicBool::new(false),
             full: AtomicBool::new(false),
+            read_only: AtomicBool::new(false),
             syncs: AtomicUsize::new(0),
         }))
     }
@@ -252,9 +254,24 @@ impl ModelDisk {
         self.0.fail_syncs.store(fail, Ordering::SeqCst);
     }
 
-    /// Makes the volume report itself full (no free block) while `full`.
+    /// Makes the volume full while `full`: it reports no free block, and
+    /// a write that would grow a file fails with `ENOSPC` (writes into
+    /// space a file already has still succeed, as on a real filesystem).
     pub(crate) fn fill(&self, full: bool) {
         self.0.full.store(full, Ordering::SeqCst);
+    }
+
+    /// Makes opening or creating a file for writing fail (`EROFS`) while
+    /// `read_only`: a volume remounted read-only.
+    pub(crate) fn set_read_only(&self, read_only: bool) {
+        self.0.read_only.store(read_only, Ordering::SeqCst);
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.0.read_only.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::ReadOnlyFilesystem));
+        }
+        Ok(())
     }
 
     fn run<T>(&self, op: Op, answer: impl FnOnce(&Fs) -> T) -> T {
@@ -284,6 +301,7 @@ impl Disk for ModelDisk {
     }
 
     fn create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
+        self.writable()?;
         let inode = self.run(Op::Create(path.to_path_buf()), |fs| fs.inodes.len() - 1);
         Ok(Box::new(ModelFile {
             disk: self.clone(),
@@ -292,6 +310,7 @@ impl Disk for ModelDisk {
     }
 
     fn open(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
+        self.writable()?;
         Ok(Box::new(ModelFile {
             disk: self.clone(),
             inode: self.inode_of(path)?,
@@ -321,6 +340,13 @@ struct ModelFile {
 
 impl DiskFile for ModelFile {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let inner = &self.disk.0;
+        if inner.full.load(Ordering::SeqCst) {
+            let len = inner.fs.lock().unwrap().0.inodes[self.inode].current.len();
+            if offset as usize + data.len() > len {
+                return Err(io::Error::from(io::ErrorKind::StorageFull));
+            }
+        }
         let op = Op::Write {
             inode: self.inode,
             offset,

@@ -471,3 +471,91 @@ async fn check_space_after_another_writer_ran_out_marks_a_full_volume() {
     wait_for(|| store.health().is_err()).await;
     assert!(store.health().unwrap_err().contains("is full"));
 }
+
+/// A directory that served a counter and lost `visits.state` is refused,
+/// naming the file and the remedy; a crash during a volume's very first
+/// start (lock taken, nothing served) is not mistaken for one.
+#[tokio::test]
+async fn a_lost_counter_is_refused_never_started_again_from_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    // First start cut short: the lock file exists, no counter was served.
+    drop(lock::DirLock::acquire(dir.path(), "tally-0").unwrap());
+    let store = open(dir.path());
+    assert_eq!(store.visit().await.unwrap(), 1);
+    store.close().await;
+    drop(store);
+    std::fs::remove_file(dir.path().join(STATE_FILE)).unwrap();
+    let err = open_as(dir.path(), "tally-0").unwrap_err();
+    assert!(matches!(err, StoreError::Lost { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("visits.state is missing")
+            && message.contains("tally.lock says incarnation")
+            && message.contains("tally new-incarnation"),
+        "{message}"
+    );
+    assert!(!dir.path().join(STATE_FILE).exists(), "nothing was written");
+    // peers.state alone is evidence too.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join(PEERS_FILE), b"x").unwrap();
+    let err = open_as(other.path(), "tally-0").unwrap_err().to_string();
+    assert!(err.contains("peers.state is there"), "{err}");
+    // The operator's explicit way on: a new incarnation, counted from 0.
+    let forked = start_new_incarnation(dir.path(), "tally-0").unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.incarnation(), forked.incarnation);
+    assert_eq!(store.visit().await.unwrap(), 1);
+    store.close().await;
+    drop(store);
+    let err = start_new_incarnation(dir.path(), "tally-0").unwrap_err();
+    assert!(matches!(err, StoreError::Exists { count: 1, .. }), "{err}");
+}
+
+/// A `visits.state` that links to nothing is refused and left as it is.
+#[tokio::test]
+async fn a_dangling_symlink_is_refused_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join(STATE_FILE);
+    std::os::unix::fs::symlink(dir.path().join("elsewhere/visits.state"), &link).unwrap();
+    let err = open_as(dir.path(), "tally-0").unwrap_err();
+    assert!(matches!(err, StoreError::Dangling { .. }), "{err}");
+    assert!(err.to_string().contains("elsewhere"), "{err}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+}
+
+/// Readiness fails within a second of the counter file becoming
+/// unwritable, before any visit finds out, and recovers on its own.
+#[tokio::test]
+async fn an_idle_store_notices_an_unwritable_volume_on_its_own() {
+    let disk = ModelDisk::new(Fs::default());
+    let store = open_model(&disk, options(Durability::GroupCommit));
+    assert!(store.health().is_ok());
+    disk.set_read_only(true);
+    wait_for(|| store.health().is_err()).await;
+    assert!(store.health().unwrap_err().contains("cannot write"));
+    disk.set_read_only(false);
+    wait_for(|| store.health().is_ok()).await;
+    assert_eq!(store.visit().await.unwrap(), 1);
+}
+
+/// A counter at the largest count, or at the last commit sequence number,
+/// is not ready: it can take no visit.
+#[tokio::test]
+async fn a_count_that_cannot_grow_is_not_ready() {
+    for (seq, count) in [(7, u64::MAX), (u64::MAX, 5)] {
+        let state = StoredState {
+            incarnation: FIXTURE_INCARNATION.into(),
+            count,
+            pod: "tally-0".into(),
+            created_unix: 1,
+        };
+        let image = format::SlotWriter::new(&state).unwrap().image(seq, count);
+        let path = Path::new(DIR).join(STATE_FILE);
+        let disk = ModelDisk::new(Fs::with_files(&[(&path, &image)]));
+        let store = open_model(&disk, options(Durability::GroupCommit));
+        let reason = store.health().unwrap_err();
+        assert!(reason.contains("new-incarnation"), "{reason}");
+        assert!(store.visit().await.is_err(), "seq {seq} count {count}");
+        assert_eq!(store.count(), count, "nothing wrapped");
+    }
+}
