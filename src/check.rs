@@ -89,6 +89,7 @@ pub fn judge(view: &TotalView, expected: Option<usize>) -> Result<String, CheckE
         let why = view
             .discovery_error
             .clone()
+            .or_else(|| view.persist_error.clone())
             .unwrap_or_else(|| format!("not every member answered: {}", rows()));
         return Err(CheckError::Incomplete(why));
     }

@@ -42,6 +42,11 @@ enum Cmd {
     /// and whether it answers (the deeper view behind `nslookup`); exit 1
     /// when the lookup fails or a member does not answer.
     Peers,
+    /// Start a new incarnation (count 0) on a data directory (--data-dir)
+    /// that lost its visits.state: tally refuses to start such a directory
+    /// from 0 on its own. The old incarnation's visits stay in the
+    /// siblings' totals. Refused when visits.state is there.
+    NewIncarnation,
     /// Validate the settings from every source and print the effective
     /// configuration; exit 0, or 64 naming the bad key and its source.
     CheckConfig,
@@ -171,6 +176,7 @@ pub fn main() -> ExitCode {
         Cmd::Visits => visits(&config),
         Cmd::Peers => runtime().block_on(peers_command(&config)),
         Cmd::CheckConfig => check_config(&config),
+        Cmd::NewIncarnation => new_incarnation(&config),
         Cmd::Nslookup { .. } | Cmd::CheckCluster { .. } => {
             unreachable!("handled before the settings are loaded")
         }
@@ -292,6 +298,31 @@ fn check_cluster(url: &str, members: Option<usize>, wait_s: u64) -> ExitCode {
     }
 }
 
+fn new_incarnation(config: &Config) -> ExitCode {
+    let identity = match Identity::from_config(config) {
+        Ok(identity) => identity,
+        Err(error) => {
+            eprintln!("tally: configuration error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match store::start_new_incarnation(&config.data_dir, &identity.pod) {
+        Ok(state) => {
+            println!(
+                "started incarnation {} of {} in {} at count 0; start tally on it again",
+                state.incarnation,
+                identity.pod,
+                config.data_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tally: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn visits(config: &Config) -> ExitCode {
     let dir = &config.data_dir;
     let state = match store::inspect(dir) {
@@ -347,7 +378,14 @@ fn visits(config: &Config) -> ExitCode {
                 .try_fold(state.count, |sum, e| sum.checked_add(e.count));
             match total {
                 Some(total) => println!("total known     {total}"),
-                None => println!("total known     more than 2^64 (a corrupt peers.state?)"),
+                None if state.count == u64::MAX => println!(
+                    "total known     more than 2^64: {} holds the largest count there is (restore it, or `tally new-incarnation`)",
+                    store::STATE_FILE
+                ),
+                None => println!(
+                    "total known     more than 2^64: the counts in {} cannot be summed with this pod's (a corrupt or forged file?)",
+                    store::PEERS_FILE
+                ),
             }
             ExitCode::SUCCESS
         }

@@ -92,6 +92,9 @@ pub struct Metrics {
     pub refusals: Family<Reason, Counter>,
     /// Writes of `peers.state` that failed.
     pub persist_failures: Counter,
+    /// 1 while what this pod knows of the others is not on its volume
+    /// after a failed write (retried until it succeeds; readiness fails).
+    pub persist_pending: Gauge,
     /// Peer states this pod served to siblings (`GET` on the peer route).
     pub peer_served: Counter,
     /// Body bytes of those answers: what peer traffic costs (`scripts/bench scale`).
@@ -131,6 +134,7 @@ impl Metrics {
             entries: Gauge::default(),
             refusals: Family::default(),
             persist_failures: Counter::default(),
+            persist_pending: Gauge::default(),
             peer_served: Counter::default(),
             peer_bytes_served: Counter::default(),
             build_info: Family::default(),
@@ -240,6 +244,11 @@ impl Metrics {
             "peers_state_persist_failures",
             "Writes of peers.state that failed",
             metrics.persist_failures.clone(),
+        );
+        registry.register(
+            "peers_state_persist_pending",
+            "1 while what this pod knows of the others is not on its volume after a failed write",
+            metrics.persist_pending.clone(),
         );
         registry.register(
             "peer_requests_served",

@@ -285,7 +285,7 @@ fn readyz(app: &App) -> Response {
             "not ready: no sibling has taken this pod's announce yet (DNS failing, or its addresses stale); visits wait until one does, see the log\n",
         );
     }
-    match app.store.health() {
+    match app.store.health().and_then(|()| app.cluster.health()) {
         Ok(()) => text(StatusCode::OK, "ready\n"),
         Err(reason) => text(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -179,14 +179,22 @@ fn peer_state(app: &App, request: &http::Request<Incoming>) -> Response {
 }
 
 /// A sibling's state handed over (`PUT`): on its way out, or a retirement
-/// spreading. The body is read only within its share of the budget.
+/// spreading. The body is read only within its share of the budget. The
+/// `204` says the state is on this pod's volume (`peers.state` synced): a
+/// pod that leaves may count on it, so a write that fails or takes past
+/// the fan-out deadline answers 503 and the sender tells another sibling.
 async fn receive_state(app: &App, request: http::Request<Incoming>) -> Response {
-    let received = read_body(app, request).await.and_then(|body| {
+    let received = async {
+        let body = read_body(app, request).await?;
         app.cluster
             .receive(&body)
-            .map_err(|e| ApiError::BadRequest(e.to_string()))
-    });
-    match received {
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        app.cluster
+            .durable()
+            .await
+            .map_err(|reason| ApiError::Unavailable(format!("not on disk yet: {reason}")))
+    };
+    match received.await {
         Ok(()) => empty(StatusCode::NO_CONTENT),
         Err(error) => refuse(app, error),
     }

@@ -214,10 +214,37 @@ impl Cluster {
         }
     }
 
-    /// `/visits/total`: joins the round in flight or starts one.
+    /// `/visits/total`: joins the round in flight or starts one. Complete
+    /// only once what it counted is on this pod's volume: a total answered
+    /// complete survives `kill -9` and a restart (design.md §6).
     pub async fn total(&self) -> TotalView {
         let round = self.round().await;
-        self.view(&round)
+        let mut view = self.view(&round);
+        if view.complete {
+            if let Err(reason) = self.durable().await {
+                view.complete = false;
+                view.persist_error = Some(reason);
+            }
+        }
+        view
+    }
+
+    /// Waits, at most the fan-out deadline, until everything this pod
+    /// knows so far is in `peers.state` on its volume; `Err` says why not.
+    pub async fn durable(&self) -> Result<(), String> {
+        let file = &self.inner.file;
+        file.synced_to(file.wanted(), self.inner.limits.deadline)
+            .await
+    }
+
+    /// `Err(reason)` while what this pod knows is not on its volume because
+    /// writing `peers.state` fails (readiness).
+    pub fn health(&self) -> Result<(), String> {
+        let file = &self.inner.file;
+        match file.failing() {
+            Some(reason) if !file.clean() => Err(reason),
+            _ => Ok(()),
+        }
     }
 
     /// The last known view, without any network I/O (for the page), built
@@ -266,8 +293,14 @@ impl Cluster {
     pub async fn persist(&self) -> bool {
         let inner = self.inner.clone();
         let result = tokio::task::spawn_blocking(move || inner.file.write(&inner.counter)).await;
+        let pending = &self.inner.metrics.persist_pending;
         let error = match result {
-            Ok(Ok(())) => return true,
+            Ok(Ok(())) => {
+                if pending.set(0) != 0 {
+                    tracing::info!(file = PEERS_FILE, "the peer view is on disk again");
+                }
+                return true;
+            }
             Ok(Err(error)) => {
                 if error.kind() == std::io::ErrorKind::StorageFull {
                     // The volume the counter shares: the store checks its
@@ -279,7 +312,8 @@ impl Cluster {
             Err(error) => format!("the writer panicked: {error}"),
         };
         self.inner.metrics.persist_failures.inc();
-        tracing::error!(file = PEERS_FILE, %error, "cannot persist the peer view");
+        pending.set(1);
+        tracing::error!(file = PEERS_FILE, %error, "cannot persist the peer view; retrying, not ready meanwhile");
         false
     }
 
@@ -495,10 +529,21 @@ impl Cluster {
         }
     }
 
+    /// Writes `peers.state` after every change; a failed write is retried
+    /// with backoff until it succeeds (a full volume frees up, a remount
+    /// comes back), not left for the next change.
     async fn persist_forever(self) {
+        let mut backoff = PERSIST_RETRY_MIN;
         loop {
-            self.inner.changed.notified().await;
-            self.persist().await;
+            if self.inner.file.clean() {
+                self.inner.changed.notified().await;
+            }
+            if self.persist().await {
+                backoff = PERSIST_RETRY_MIN;
+            } else {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(PERSIST_RETRY_MAX);
+            }
         }
     }
 
@@ -563,6 +608,7 @@ impl Inner {
             self.crowded.store(false, Ordering::Relaxed);
         }
         if persist {
+            self.file.dirty();
             self.changed.notify_one();
         }
     }
@@ -943,6 +989,12 @@ pub const JOIN_DNS_GRACE: Duration = Duration::from_secs(10);
 /// Rounds of fetching members learned from siblings' news, after the
 /// first: each can only add what the previous one heard.
 const MAX_NEWS_PHASES: usize = 3;
+
+/// First wait before retrying a failed write of `peers.state`, doubled up
+/// to [`PERSIST_RETRY_MAX`]: soon enough that a freed volume is used at
+/// once, slow enough that a full one is not hammered.
+const PERSIST_RETRY_MIN: Duration = Duration::from_millis(100);
+const PERSIST_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Unix time in milliseconds: when a notice was heard.
 fn unix_now_ms() -> u64 {

@@ -158,6 +158,7 @@ pub fn view(counter: &Counter, round: &Round, me: &Entry, now: u64) -> TotalView
         pods,
         retired: counter.retired().collect(),
         discovery_error: round.discovery_error.clone(),
+        persist_error: None,
     }
 }
 

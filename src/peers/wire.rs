@@ -361,6 +361,10 @@ pub struct TotalView {
     /// Why the member list may be stale or empty (DNS trouble).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub discovery_error: Option<String>,
+    /// Why the total is not complete although every member answered: what
+    /// it counted is not yet on this pod's volume (`peers.state`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persist_error: Option<String>,
 }
 
 /// Rows and views as the page and `check-cluster` tests need them.
@@ -390,6 +394,7 @@ impl TotalView {
             pods,
             retired: vec![],
             discovery_error: None,
+            persist_error: None,
         }
     }
 }

@@ -139,6 +139,9 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
         let err = disk.read(&link).unwrap_err().to_string();
-        assert!(err.contains("symbolic link") && err.contains("nowhere"), "{err}");
+        assert!(
+            err.contains("symbolic link") && err.contains("nowhere"),
+            "{err}"
+        );
     }
 }

@@ -141,7 +141,9 @@ mod tests {
         drop(first);
         // Taken but never served (a crash during the first start).
         assert_eq!(
-            DirLock::acquire(dir.path(), "tally-0").unwrap().previous_served(),
+            DirLock::acquire(dir.path(), "tally-0")
+                .unwrap()
+                .previous_served(),
             None
         );
         let second = DirLock::acquire(dir.path(), "tally-0").unwrap();

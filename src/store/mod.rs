@@ -102,7 +102,9 @@ pub enum StoreError {
          nor replaces it. Restore the file it points to, or replace the link with the file"
     )]
     Dangling { path: PathBuf, target: PathBuf },
-    #[error("{path} already holds a counter (incarnation {incarnation}, count {count}): move it away first if this volume really must start a new incarnation")]
+    #[error(
+        "{path} already holds a counter (incarnation {incarnation}, count {count}): move it away first if this volume really must start a new incarnation"
+    )]
     Exists {
         path: PathBuf,
         incarnation: String,

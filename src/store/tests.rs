@@ -520,7 +520,12 @@ async fn a_dangling_symlink_is_refused_not_replaced() {
     let err = open_as(dir.path(), "tally-0").unwrap_err();
     assert!(matches!(err, StoreError::Dangling { .. }), "{err}");
     assert!(err.to_string().contains("elsewhere"), "{err}");
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
 }
 
 /// Readiness fails within a second of the counter file becoming
