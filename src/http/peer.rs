@@ -4,20 +4,25 @@
 //! cannot starve the peer routes or fail liveness, and so that only pods of
 //! the release can reach it (NetworkPolicy). A request is admitted in this
 //! order, each step before the next costs anything: the token (before a
-//! single body byte is read), a slot among [`MAX_PEER_REQUESTS`], then a
-//! share of the body budget ([`PEER_BODY_BUDGET`]) for the body it declares.
-//! Whatever does not fit is refused at once (503 with `Retry-After`) rather
-//! than queued, so stalled senders hold no memory.
+//! single body byte is read), a slot among [`MAX_PEER_REQUESTS`], then,
+//! as body bytes arrive, a share of the body budget ([`PEER_BODY_BUDGET`])
+//! for what was actually read: a slow sender holds only what it sent, and
+//! one sender (by address) never more than [`MAX_PEER_BODY`] of it, so a
+//! few slow bodies cannot keep honest hand-overs out. Whatever does not
+//! fit is refused at once (503 with `Retry-After`) rather than queued.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::server::Sender;
 use super::edge::{
     self, Chunks, Response, Route, body_refused, empty, method_not_allowed, text, with_type,
 };
@@ -39,8 +44,10 @@ const BUDGET_UNIT: usize = 1024;
 pub struct PeerGate {
     /// One permit per peer request in flight.
     requests: Arc<Semaphore>,
-    /// One permit per [`BUDGET_UNIT`] of body being read.
+    /// One permit per [`BUDGET_UNIT`] of body read and held.
     budget: Arc<Semaphore>,
+    /// Units each sender holds now (entries removed at 0).
+    held: Arc<Mutex<HashMap<IpAddr, u32>>>,
 }
 
 impl Default for PeerGate {
@@ -48,7 +55,65 @@ impl Default for PeerGate {
         PeerGate {
             requests: Arc::new(Semaphore::new(MAX_PEER_REQUESTS)),
             budget: Arc::new(Semaphore::new(PEER_BODY_BUDGET / BUDGET_UNIT)),
+            held: Arc::default(),
         }
+    }
+}
+
+/// What one body holds of the budget; given back when dropped.
+struct BodyShare {
+    sender: Option<IpAddr>,
+    permit: Option<OwnedSemaphorePermit>,
+    units: u32,
+    held: Arc<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl BodyShare {
+    /// Grows the share to cover `bytes` read so far, or says why not.
+    fn cover(&mut self, budget: &Arc<Semaphore>, bytes: usize) -> Result<(), ApiError> {
+        let units = bytes.div_ceil(BUDGET_UNIT) as u32;
+        let more = units.saturating_sub(self.units);
+        if more == 0 {
+            return Ok(());
+        }
+        if let Some(sender) = self.sender {
+            let mut held = self.held.lock().expect("poisoned");
+            let mine = held.entry(sender).or_default();
+            if (*mine + more) as usize * BUDGET_UNIT > MAX_PEER_BODY {
+                return Err(ApiError::Busy(
+                    "this sender's share of the peer body budget is in use",
+                ));
+            }
+            *mine += more;
+        }
+        let grown = budget.clone().try_acquire_many_owned(more);
+        let Ok(grown) = grown else {
+            self.release_sender(more);
+            return Err(ApiError::Busy("peer body budget in use"));
+        };
+        match &mut self.permit {
+            Some(permit) => permit.merge(grown),
+            None => self.permit = Some(grown),
+        }
+        self.units = units;
+        Ok(())
+    }
+
+    fn release_sender(&self, units: u32) {
+        let Some(sender) = self.sender else { return };
+        let mut held = self.held.lock().expect("poisoned");
+        if let Some(mine) = held.get_mut(&sender) {
+            *mine -= units.min(*mine);
+            if *mine == 0 {
+                held.remove(&sender);
+            }
+        }
+    }
+}
+
+impl Drop for BodyShare {
+    fn drop(&mut self) {
+        self.release_sender(self.units);
     }
 }
 
@@ -60,12 +125,14 @@ impl PeerGate {
             .map_err(|_| ApiError::Busy("too many peer requests at once"))
     }
 
-    fn body_share(&self, bytes: usize) -> Result<OwnedSemaphorePermit, ApiError> {
-        let units = bytes.div_ceil(BUDGET_UNIT).max(1) as u32;
-        self.budget
-            .clone()
-            .try_acquire_many_owned(units)
-            .map_err(|_| ApiError::Busy("peer body budget in use"))
+    /// An empty share of the budget for a body from `sender`.
+    fn body_share(&self, sender: Option<IpAddr>) -> BodyShare {
+        BodyShare {
+            sender,
+            permit: None,
+            units: 0,
+            held: self.held.clone(),
+        }
     }
 }
 
@@ -235,17 +302,55 @@ async fn read_body(app: &App, request: http::Request<Incoming>) -> Result<bytes:
         return Err(ApiError::TooLarge(MAX_PEER_BODY));
     }
     let limit = declared.unwrap_or(MAX_PEER_BODY);
-    let _share = app.peer_gate.body_share(limit)?;
-    Ok(Limited::new(request.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                app.metrics.refusal("too_large");
-                ApiError::TooLarge(limit)
-            } else {
-                ApiError::BadRequest(format!("reading the body: {e}"))
-            }
-        })?
-        .to_bytes())
+    let sender = request.extensions().get::<Sender>().map(|s| s.0);
+    let mut share = app.peer_gate.body_share(sender);
+    let mut body = request.into_body();
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if read.len() + data.len() > limit {
+            app.metrics.refusal("too_large");
+            return Err(ApiError::TooLarge(limit));
+        }
+        // Held before it is kept: what is read never exceeds the share.
+        share.cover(&app.peer_gate.budget, read.len() + data.len())?;
+        read.extend_from_slice(&data);
+    }
+    Ok(read.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A share holds what was read, one sender never more than one
+    /// largest body, and everything held is given back when it ends.
+    #[test]
+    fn a_body_holds_what_was_read_within_its_senders_share() {
+        let gate = PeerGate::default();
+        let units = |gate: &PeerGate| gate.budget.available_permits() * BUDGET_UNIT;
+        let slow: IpAddr = "10.0.0.66".parse().unwrap();
+        // Four slow bodies from one sender hold what they sent: a few bytes.
+        let mut slow_bodies: Vec<BodyShare> = (0..4).map(|_| gate.body_share(Some(slow))).collect();
+        for share in &mut slow_bodies {
+            share.cover(&gate.budget, 10).unwrap();
+        }
+        assert_eq!(units(&gate), PEER_BODY_BUDGET - 4 * BUDGET_UNIT);
+        // That sender cannot take more than one largest body in all.
+        let err = slow_bodies[0]
+            .cover(&gate.budget, MAX_PEER_BODY)
+            .unwrap_err();
+        assert!(matches!(err, ApiError::Busy(_)), "{err}");
+        // An honest sender's largest hand-over still fits.
+        let honest: IpAddr = "10.0.0.7".parse().unwrap();
+        let mut hand_over = gate.body_share(Some(honest));
+        hand_over.cover(&gate.budget, MAX_PEER_BODY).unwrap();
+        drop(hand_over);
+        drop(slow_bodies);
+        assert_eq!(units(&gate), PEER_BODY_BUDGET, "everything given back");
+        assert!(gate.held.lock().unwrap().is_empty());
+    }
 }

@@ -21,6 +21,10 @@ use super::edge::Edge;
 /// 431 past it.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// The address a request came from (a request extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sender(pub std::net::IpAddr);
+
 /// Edge limits, from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -69,7 +73,11 @@ pub async fn serve(
         let edge = edge.clone();
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |request| edge.clone().serve(request)),
+            service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+                // Who sent it: the peer port limits each sender's share.
+                request.extensions_mut().insert(Sender(peer.ip()));
+                edge.clone().serve(request)
+            }),
         );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
