@@ -21,6 +21,7 @@
 //! - [`http`]: the handlers of both ports, the page, the edge they share
 //!   (route table, 404/405/413, request metrics; on hyper directly) and the
 //!   accept loop.
+//! - [`media`]: media types and `Accept` ranges, for both ports.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`shutdown`]: the SIGTERM/SIGINT signal.
 //! - [`nslookup`]: the built-in `nslookup` (the image has no dnsutils).
@@ -37,6 +38,7 @@ pub mod discovery;
 pub mod fuzz;
 pub mod http;
 pub mod identity;
+pub mod media;
 pub mod merge;
 pub mod metrics;
 pub mod nslookup;

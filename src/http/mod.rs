@@ -18,6 +18,7 @@ use http::{Method, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 
+use crate::media;
 use crate::metrics::Metrics;
 use crate::peers::Cluster;
 use crate::store::{Store, StoreError};
@@ -215,8 +216,7 @@ async fn visit(app: &App, request: &http::Request<Incoming>) -> Result<Response,
     let as_json = request
         .headers()
         .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/json"));
+        .is_some_and(|v| media::prefers(v.as_bytes(), "application/json", "text/html"));
     Ok(if as_json {
         json(&VisitJson {
             pod: &app.pod,

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::media;
 use crate::merge::{Entry, Key};
 use crate::peers::compact;
 
@@ -171,10 +172,8 @@ impl Encoding {
     /// The encoding of a body with this `Content-Type` (JSON unless it
     /// names the compact form: that is what older pods send).
     pub fn of_content_type(content_type: Option<&[u8]>) -> Encoding {
-        match content_type.map(media_type) {
-            Some(t) if t.eq_ignore_ascii_case(compact::CONTENT_TYPE.as_bytes()) => {
-                Encoding::Compact
-            }
+        match content_type.and_then(media::Range::parse) {
+            Some(t) if t.is(compact::CONTENT_TYPE) => Encoding::Compact,
             _ => Encoding::Json,
         }
     }
@@ -182,21 +181,7 @@ impl Encoding {
     /// The encoding to answer a request with this `Accept` in: compact only
     /// when it is named and not refused (`q=0`); `*/*` gets JSON.
     pub fn accepted(accept: Option<&[u8]>) -> Encoding {
-        let named = accept
-            .into_iter()
-            .flat_map(|a| a.split(|&b| b == b','))
-            .any(|range| {
-                // `;q=0` (RFC 9110 §12.4.2: blanks only around the `;`)
-                // refuses the type; checked without copying the parameter.
-                let refused = range.split(|&b| b == b';').skip(1).any(|param| {
-                    let param = param.trim_ascii();
-                    param.len() > 2
-                        && param[..2].eq_ignore_ascii_case(b"q=")
-                        && param[2..].iter().all(|b| matches!(b, b'0' | b'.'))
-                });
-                !refused && media_type(range).eq_ignore_ascii_case(compact::CONTENT_TYPE.as_bytes())
-            });
-        if named {
+        if accept.is_some_and(|a| media::asks_for(a, compact::CONTENT_TYPE)) {
             Encoding::Compact
         } else {
             Encoding::Json
@@ -219,11 +204,6 @@ impl Encoding {
 }
 
 /// `type/subtype` of a media range, without parameters and blanks.
-fn media_type(range: &[u8]) -> &[u8] {
-    let end = range.iter().position(|&b| b == b';').unwrap_or(range.len());
-    range[..end].trim_ascii()
-}
-
 /// The one decoder of a peer state from bytes (the `GET` answer or a
 /// hand-over's body, and the fuzzers' entry point, `fuzz/`), in either
 /// encoding: parses it and checks everything that needs no knowledge of
