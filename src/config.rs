@@ -43,6 +43,7 @@ macro_rules! settings {
 settings! {
     "listen", "TALLY_LISTEN", "0.0.0.0:8080", "Address and port to serve clients on (every route but the peer routes)";
     "peer_listen", "TALLY_PEER_LISTEN", "0.0.0.0:8081", "Address and port to serve siblings on (peer routes, /healthz, /readyz only)";
+    "probe_listen", "TALLY_PROBE_LISTEN", "", "Address and port of a listener for kubelet's probes only (/healthz, /readyz), with its own connection limit, so no flood of the other ports starves them (empty: none; the chart sets it)";
     "data_dir", "TALLY_DATA_DIR", "./data", "Directory holding this pod's counter (its PersistentVolume)";
     "pod_name", "POD_NAME", "", "This pod's name, <statefulset>-<ordinal> (default: the hostname)";
     "namespace", "POD_NAMESPACE", "default", "Kubernetes namespace of the pod";
@@ -159,6 +160,8 @@ pub struct Config {
     /// Address the peer server binds: siblings only, kept apart so client
     /// load cannot starve the peer routes or the probes (etcd's 2380).
     pub peer_listen: SocketAddr,
+    /// Kubelet's probes only, when set.
+    pub probe_listen: Option<SocketAddr>,
     /// Where the counter lives; one directory per PersistentVolume.
     pub data_dir: PathBuf,
     /// This pod's name (`<statefulset>-<ordinal>` in a StatefulSet).
@@ -379,6 +382,12 @@ impl Raw {
             peer_listen: self.get("peer_listen", |v| {
                 v.parse()
                     .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8081".to_string())
+            })?,
+            probe_listen: self.get("probe_listen", |v| {
+                optional(v)
+                    .map(|v| v.parse())
+                    .transpose()
+                    .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8082, or empty".to_string())
             })?,
             data_dir: self.get("data_dir", |v| {
                 optional(v)

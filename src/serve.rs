@@ -151,6 +151,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let (listener, addr) = bind(config.listen, "--listen or TALLY_LISTEN").await?;
     let (peer_listener, peer_addr) =
         bind(config.peer_listen, "--peer-listen or TALLY_PEER_LISTEN").await?;
+    let probe_listener = match config.probe_listen {
+        Some(addr) => Some(bind(addr, "--probe-listen or TALLY_PROBE_LISTEN").await?),
+        None => None,
+    };
     // The peer port serves first: siblings answer an announce by fetching.
     let (stop_peers, peers_stopped) = oneshot::channel::<()>();
     let app = Arc::new(App {
@@ -169,7 +173,29 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         max_connections: config.max_connections,
         header_read_timeout: config.header_read_timeout,
         grace: config.shutdown_grace,
+        keep_alive: true,
     };
+    // Probes answer from the start to the end: liveness must hold while
+    // the pod joins and while it drains.
+    let (stop_probes, probes_stopped) = oneshot::channel::<()>();
+    let probe_addr = probe_listener
+        .as_ref()
+        .map(|(_, addr)| addr.to_string())
+        .unwrap_or_default();
+    let probes = probe_listener.map(|(listener, _)| {
+        tokio::spawn(server::serve(
+            listener,
+            Edge::new(app.clone(), Port::Probe, config.request_timeout),
+            server::Limits {
+                max_connections: server::PROBE_MAX_CONNECTIONS,
+                keep_alive: false,
+                ..limits
+            },
+            async {
+                let _ = probes_stopped.await;
+            },
+        ))
+    });
     let siblings = tokio::spawn(server::serve(
         peer_listener,
         Edge::new(app.clone(), Port::Peer, config.request_timeout),
@@ -192,6 +218,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(
         %addr,
         %peer_addr,
+        probe_addr,
         pod = %identity.pod,
         incarnation = %store.incarnation(),
         count = store.count(),
@@ -248,6 +275,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     //    hand-over, and after the background persister stopped.
     background.stop().await;
     let persisted = cluster.persist().await;
+    let _ = stop_probes.send(());
+    if let Some(probes) = probes {
+        let _ = probes.await;
+    }
     tracing::info!(
         count = store.count(),
         drained = clients_drained && peers_drained,

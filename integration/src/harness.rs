@@ -61,6 +61,8 @@ pub struct Tally {
     pub addr: SocketAddr,
     /// Address of its peer port (peer routes, probes).
     pub peer_addr: SocketAddr,
+    /// Address of its probe port, when `TALLY_PROBE_LISTEN` set one.
+    pub probe_addr: Option<SocketAddr>,
     /// Its data directory.
     pub data_dir: PathBuf,
     /// Log lines (JSON) read so far from stdout.
@@ -190,10 +192,16 @@ impl Tally {
             .as_str()
             .context("listening line has peer_addr")?
             .parse()?;
+        let probe_addr = event["probe_addr"]
+            .as_str()
+            .filter(|a| !a.is_empty())
+            .map(str::parse)
+            .transpose()?;
         Ok(Tally {
             child,
             addr,
             peer_addr,
+            probe_addr,
             data_dir: options.data_dir.clone(),
             logs,
         })
@@ -476,5 +484,70 @@ impl Drop for ClusterDns {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// A small tmpfs mounted for one test and unmounted in `Drop`: a volume
+/// to fill, or to remount read-only (needs root).
+pub struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test mounts a tmpfs to fill or freeze a volume: run it as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        mount(
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ],
+            dir.path(),
+        );
+        Tmpfs(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// `remount,ro` or `remount,rw`.
+    pub fn remount(&self, mode: &str) {
+        mount(&["-o", &format!("remount,{mode}")], self.path());
+    }
+
+    /// Fills the volume to its last byte with one file; returns its path
+    /// (remove it to free the space).
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        while file.write_all(&chunk[..1]).is_ok() {}
+        filler
+    }
+}
+
+fn mount(args: &[&str], target: &Path) {
+    let status = Command::new("mount")
+        .args(args)
+        .arg(target)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "mount {args:?} {} failed",
+        target.display()
+    );
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
     }
 }

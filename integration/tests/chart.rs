@@ -43,11 +43,12 @@ const UID: i64 = 65532;
 const PROBE_ROUTES: [&str; 3] = ["/healthz", "/health", "/readyz"];
 /// Environment names the chart may give tally (design.md §7 and the config
 /// keys' environment twins). `TALLY_DNS_SERVER` is for tests only.
-const KNOWN_ENV: [&str; 23] = [
+const KNOWN_ENV: [&str; 24] = [
     "POD_NAME",
     "POD_NAMESPACE",
     "TALLY_LISTEN",
     "TALLY_PEER_LISTEN",
+    "TALLY_PROBE_LISTEN",
     "TALLY_DATA_DIR",
     "TALLY_CONFIG",
     "TALLY_PEERS_SERVICE",
@@ -502,9 +503,11 @@ fn headless_service_publishes_every_pod_for_discovery() {
         );
         // The image's own ENV sets TALLY_LISTEN, which beats the config
         // file: the chart must set both listen addresses in the environment.
+        let probe_port = r.int("containerPorts.probe") as i32;
         for (var, want) in [
             ("TALLY_LISTEN", client_port),
             ("TALLY_PEER_LISTEN", container_port),
+            ("TALLY_PROBE_LISTEN", probe_port),
         ] {
             let listen = r.env_value(var);
             ensure!(
@@ -752,12 +755,12 @@ fn probes_use_routes_that_never_count_a_visit() {
                         "{name} probes {path}, expected {expected}"
                     );
                     let port = &probe.http_get.as_ref().unwrap().port;
-                    // The peer port: a flood of client connections
-                    // cannot fail the probes.
+                    // The probe port: no flood of the client or the
+                    // peer port can fail the probes.
                     ensure!(
-                        *port == IntOrString::String("peer".into())
-                            || *port == IntOrString::Int(r.int("containerPorts.peer") as i32),
-                        "{name} port {port:?} is not the peer port"
+                        *port == IntOrString::String("probe".into())
+                            || *port == IntOrString::Int(r.int("containerPorts.probe") as i32),
+                        "{name} port {port:?} is not the probe port"
                     );
                 }
             }

@@ -5,15 +5,13 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use rand::Rng;
-use tally_integration::harness::{Http, Tally, TallyOptions};
+use tally_integration::harness::{Http, Tally, TallyOptions, Tmpfs};
 
 const STATE: &str = "visits.state";
 
@@ -233,57 +231,6 @@ async fn damaged_state_file_stops_startup_and_is_left_untouched() {
     }
 }
 
-/// A small tmpfs mounted for one test and unmounted in `Drop`.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "this test mounts a tmpfs to fill or freeze a volume: run it as root"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        mount(
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ],
-            dir.path(),
-        );
-        Tmpfs(dir)
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-
-    fn remount(&self, mode: &str) {
-        mount(&["-o", &format!("remount,{mode}")], self.path());
-    }
-}
-
-fn mount(args: &[&str], target: &Path) {
-    let status = Command::new("mount")
-        .args(args)
-        .arg(target)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "mount {args:?} {} failed",
-        target.display()
-    );
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-    }
-}
-
 async fn until_ready(http: &Http, tally: &Tally) -> Duration {
     let started = Instant::now();
     loop {
@@ -354,12 +301,7 @@ async fn full_volume_answers_503_until_space_is_freed_and_loses_nothing() {
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     }
     // Fill the volume to the last byte.
-    let filler = volume.path().join("filler");
-    let mut file = std::fs::File::create(&filler).unwrap();
-    let chunk = vec![0u8; 4096];
-    while file.write_all(&chunk).is_ok() {}
-    while file.write_all(&chunk[..1]).is_ok() {}
-    drop(file);
+    let filler = volume.fill();
     assert!(
         std::fs::write(volume.path().join("more"), b"x").is_err(),
         "not full"

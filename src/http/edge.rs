@@ -56,6 +56,8 @@ impl Route {
 pub enum Port {
     Client,
     Peer,
+    /// Kubelet's probes only ([`super::PROBE_ROUTES`]).
+    Probe,
 }
 
 impl Port {
@@ -63,6 +65,7 @@ impl Port {
         match self {
             Port::Client => super::CLIENT_ROUTES,
             Port::Peer => super::peer::PEER_ROUTES,
+            Port::Probe => super::PROBE_ROUTES,
         }
     }
 }
@@ -106,6 +109,7 @@ impl Edge {
                 )
                 .await
             }
+            Port::Probe => super::probe(&self.app, route, request.method()),
         };
         self.observe(found, response.status(), started.elapsed());
         Ok(response)

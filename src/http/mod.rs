@@ -62,6 +62,32 @@ pub const CLIENT_ROUTES: &[Route] = &[
     Route::get("/favicon.ico"),
 ];
 
+/// The probe port's routes (`probe_listen`): what kubelet asks, nothing
+/// else, on a listener of its own so that no flood of the client or peer
+/// port can make a probe fail and restart a healthy pod.
+pub const PROBE_ROUTES: &[Route] = &[
+    Route::get("/healthz"),
+    Route::get("/health"),
+    Route::get("/readyz"),
+];
+
+/// The probe port: no route takes a body or waits on anything.
+fn probe(app: &App, route: Option<&Route>, method: &Method) -> Response {
+    let Some(route) = route else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: the probe port serves /healthz and /readyz only\n",
+        );
+    };
+    if !route.allows(method) {
+        return method_not_allowed(route);
+    }
+    match route.path {
+        "/readyz" => readyz(app),
+        _ => healthz(),
+    }
+}
+
 /// The client port: no route takes a body, so one is refused before
 /// anything else. `GET /` needs no time limit of its own: the store gives
 /// up after `commit_timeout_ms`, which the configuration keeps below

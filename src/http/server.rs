@@ -34,7 +34,14 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Time in-flight requests get after shutdown starts.
     pub grace: Duration,
+    /// Whether a connection may carry more than one request: the probe
+    /// port's do not (kubelet dials per probe), so none lingers in a slot.
+    pub keep_alive: bool,
 }
+
+/// Connections the probe port serves at once: a probe of each kind with
+/// room to spare; its own limit, so floods elsewhere cannot take them.
+pub const PROBE_MAX_CONNECTIONS: usize = 32;
 
 /// Serves `edge` on `listener` until `shutdown` completes, then drains.
 /// Returns whether every connection finished within the grace period.
@@ -50,7 +57,7 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
-        .keep_alive(true);
+        .keep_alive(limits.keep_alive);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {

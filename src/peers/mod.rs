@@ -220,11 +220,11 @@ impl Cluster {
     pub async fn total(&self) -> TotalView {
         let round = self.round().await;
         let mut view = self.view(&round);
-        if view.complete {
-            if let Err(reason) = self.durable().await {
-                view.complete = false;
-                view.persist_error = Some(reason);
-            }
+        if view.complete
+            && let Err(reason) = self.durable().await
+        {
+            view.complete = false;
+            view.persist_error = Some(reason);
         }
         view
     }
