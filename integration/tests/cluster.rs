@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tally_integration::harness::{ClusterDns, Http, Reply, Tally, TallyOptions, loopback_block};
+use tally_integration::harness::{
+    ClusterDns, Http, Reply, Tally, TallyOptions, Tmpfs, loopback_block,
+};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -301,6 +303,58 @@ async fn the_total_survives_a_full_restart() {
         (Some(6), Some(true)),
         "{view}"
     );
+}
+
+/// design.md §6: what a pod answered survives `kill -9` and a restart,
+/// full volume or not. tally-0's volume is full while it learns tally-1's
+/// count, and tally-1 leaves; space comes back; tally-0 is killed with -9
+/// and restarts. Its total used to go down (17 → 5): `peers.state` was
+/// written only on the next change, a failed write was never retried, and
+/// the hand-over was answered 204 before it was on disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_total_never_goes_down_after_a_full_volume_and_kill_9() {
+    let volume = Tmpfs::mount("512k");
+    let mut pods = Pods::start(19, 2, &[("TALLY_REFRESH_INTERVAL_MS", "0")]).await;
+    pods.terminate(0);
+    let mut on_volume = pods.options(0);
+    on_volume.data_dir = volume.path().join("data");
+    pods.pods[0] = Some(Tally::start(&on_volume).unwrap());
+    pods.publish_all();
+    pods.visit(0, 5).await;
+    let filler = volume.fill();
+    pods.visit(1, 12).await;
+    let (view, _) = pods.total(0).await;
+    assert_eq!(view["total"], 17, "{view}");
+    // Every member answered, but what it counted is not on tally-0's disk.
+    assert_eq!(view["complete"], false, "{view}");
+    assert!(
+        view["persist_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("peers.state")),
+        "{view}"
+    );
+    let ready = pods.get(0, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.body);
+    pods.terminate(1);
+    pods.publish_all();
+    std::fs::remove_file(filler).unwrap();
+    // The store and the peer view recover on their own: no change, no
+    // visit needed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = pods.get(0, "/readyz").await;
+        if ready.status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready again: {}", ready.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pods.pods[0].take().unwrap().kill9();
+    pods.pods[0] = Some(Tally::start(&on_volume).unwrap());
+    pods.publish_all();
+    let (view, _) = pods.total(0).await;
+    assert_eq!(view["total"], 17, "after kill -9 and a restart: {view}");
+    assert_eq!(row(&view, "tally-1")[0]["count"], 12, "{view}");
 }
 
 /// How a fake peer misbehaves.
