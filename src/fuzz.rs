@@ -255,10 +255,15 @@ pub fn config_file(data: &[u8]) {
             let message = error.to_string();
             assert!(message.contains("fuzz-config.json"), "{message}");
             match error {
-                ConfigError::UnknownKey { key, .. } => {
+                ConfigError::UnknownKey { key, .. }
+                | ConfigError::DuplicateKey { key, .. }
+                | ConfigError::FileValue { key, .. } => {
                     assert!(message.contains(&format!("`{key}`")), "{message}")
                 }
-                ConfigError::FileSyntax { .. } => {}
+                ConfigError::WrongType { key, .. } => {
+                    assert!(message.contains(&format!("`{key}`")), "{message}")
+                }
+                ConfigError::FileSyntax { .. } | ConfigError::FileNotUtf8 { .. } => {}
                 other => panic!("parsing bytes cannot fail with {other:?}"),
             }
             return;
