@@ -5,7 +5,10 @@
 //! Precedence is flags > environment (`TALLY_*`, plus `POD_NAME` and
 //! `POD_NAMESPACE` from the Downward API) > JSON config file > defaults. Every
 //! value remembers where it came from, so an error names the key *and* the
-//! source, and `tally check-config` can show both.
+//! source, and `tally check-config` can show both. Nothing unreadable is
+//! passed over: a value that is not UTF-8, a file over [`MAX_FILE_BYTES`],
+//! a key given twice or a value of the wrong JSON type is an error, and
+//! `TALLY_*` variables no setting reads are reported.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -293,10 +296,11 @@ pub struct Sources<'a> {
     pub env: &'a BTreeMap<OsString, OsString>,
 }
 
-/// `TALLY_*` variables that are not settings but are set around tally: by
-/// its scripts and tests (`scripts/`, `integration/`), and `TALLY_URL`,
-/// which the chart's NOTES.txt has users export. A developer's shell holds
-/// them when running `tally check-config`, so they must not be refused.
+/// `TALLY_*` variables that are not settings: `TALLY_CONFIG` names the
+/// file; the others are set around tally, by its scripts and tests
+/// (`scripts/`, `integration/`), and `TALLY_URL`, which the chart's
+/// NOTES.txt has users export. A developer's shell holds them when running
+/// `tally check-config`, so they must not be refused.
 const NOT_SETTINGS: &[&str] = &[
     CONFIG_ENV,
     "TALLY_APT_UPDATED",
@@ -443,7 +447,7 @@ pub fn flag_name(key: &str) -> String {
 pub struct ConfigFile {
     /// Where the file is; errors and `check-config` name it.
     pub path: PathBuf,
-    /// Setting key → value (numbers and booleans as JSON spells them).
+    /// Setting key → value (numbers as JSON spells them).
     pub values: BTreeMap<String, String>,
 }
 

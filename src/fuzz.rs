@@ -463,6 +463,8 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ("config_file", "unknown-key".into(), json(r#"{"listne":"x"}"#)),
         ("config_file", "bad-value".into(), json(r#"{"max_connections":0}"#)),
         ("config_file", "nested".into(), json(r#"{"listen":[1]}"#)),
+        ("config_file", "duplicate-key".into(), json(r#"{"timezone":"UTC","timezone":"UTC"}"#)),
+        ("config_file", "string-for-number".into(), json(r#"{"max_connections":"10"}"#)),
         ("config_file", "log-filter".into(), json(r#"{"log_level":"tally[span{x=1}]=debug"}"#)),
     ]);
     out
