@@ -5,7 +5,8 @@
 //! environment variable and a file key. Started as `nslookup` (the image's
 //! link), the binary is [`nslookup`](crate::nslookup), busybox-style.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use crate::config::{
 use crate::identity::Identity;
 use crate::peers::client::PeerClient;
 use crate::serve::{self, StartError};
-use crate::{check, discovery, nslookup, peers, store};
+use crate::{check, discovery, exit, nslookup, peers, store};
 
 /// Tally: a durable, cluster-wide visit counter for Kubernetes StatefulSets.
 ///
@@ -82,11 +83,14 @@ enum Cmd {
     },
 }
 
-/// Every setting as a global flag, built from [`SETTINGS`].
+/// Every setting as a global flag, built from [`SETTINGS`]. Values are
+/// taken as the OS gives them, so one that is not UTF-8 reaches
+/// [`Config::load`] and is refused there naming the flag (exit 64), rather
+/// than by clap (exit 2).
 #[derive(Debug, Default)]
 struct SettingArgs {
-    values: Vec<(&'static str, String)>,
-    config: Option<PathBuf>,
+    values: Vec<(&'static str, OsString)>,
+    config: Option<OsString>,
 }
 
 impl FromArgMatches for SettingArgs {
@@ -98,12 +102,12 @@ impl FromArgMatches for SettingArgs {
 
     fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
         for setting in SETTINGS {
-            if let Some(value) = matches.get_one::<String>(setting.key) {
+            if let Some(value) = matches.get_one::<OsString>(setting.key) {
                 self.values.push((setting.key, value.clone()));
             }
         }
-        if let Some(path) = matches.get_one::<String>("config") {
-            self.config = Some(PathBuf::from(path));
+        if let Some(path) = matches.get_one::<OsString>("config") {
+            self.config = Some(path.clone());
         }
         Ok(())
     }
@@ -116,6 +120,7 @@ impl Args for SettingArgs {
                 .long("config")
                 .global(true)
                 .value_name("FILE")
+                .value_parser(clap::value_parser!(OsString))
                 .help(format!("JSON config file [env: {CONFIG_ENV}]")),
         );
         for s in SETTINGS {
@@ -129,6 +134,7 @@ impl Args for SettingArgs {
                     .long(config::flag_name(s.key))
                     .global(true)
                     .value_name("VALUE")
+                    .value_parser(clap::value_parser!(OsString))
                     .help(format!("{} [env: {}]{default}", s.help, s.env)),
             );
         }
@@ -148,7 +154,10 @@ pub fn main() -> ExitCode {
         let args: Vec<String> = argv.map(|a| a.to_string_lossy().into_owned()).collect();
         return nslookup::main(&args);
     }
-    let cli = Cli::parse();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     // A debugging tool must work whatever the settings say.
     if let Some(Cmd::Nslookup { args }) = &cli.command {
         return nslookup::main(args);
@@ -162,7 +171,7 @@ pub fn main() -> ExitCode {
     {
         return check_cluster(url, *members, *wait_s);
     }
-    let env = |name: &str| std::env::var(name).ok();
+    let env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
     let config = match Config::load(&Sources {
         flags: &cli.settings.values,
         config_flag: cli.settings.config.clone(),
@@ -182,6 +191,35 @@ pub fn main() -> ExitCode {
         }
         Cmd::Forget { counter } => runtime().block_on(forget(&config, &counter)),
     }
+}
+
+/// The command line, with the exit codes after `--help`. A usage mistake
+/// (an unknown flag, a missing value) is a configuration error: exit 64
+/// like every other, not clap's 2.
+fn parse_args() -> Result<Cli, ExitCode> {
+    let width = exit::CODES
+        .iter()
+        .map(|(code, _)| code.to_string().len())
+        .max()
+        .unwrap_or(0);
+    let codes: String = exit::CODES
+        .iter()
+        .map(|(code, meaning)| format!("  {code:>width$}  {meaning}\n"))
+        .collect();
+    let command = <Cli as clap::CommandFactory>::command()
+        .after_help(format!("Exit codes (docs/exit-codes.md):\n{codes}"));
+    let parsed = command
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches));
+    parsed.map_err(|error| {
+        let _ = error.print();
+        if error.use_stderr() {
+            ExitCode::from(EXIT_CONFIG)
+        } else {
+            // --help, --version: asked for, printed, done.
+            ExitCode::SUCCESS
+        }
+    })
 }
 
 async fn forget(config: &Config, counter: &str) -> ExitCode {
@@ -253,6 +291,15 @@ fn init_logging(config: &Config) {
 
 fn serve(config: Config) -> ExitCode {
     init_logging(&config);
+    // Named once the log can say it: a misspelt setting is otherwise
+    // ignored without a trace. `check-config` refuses them instead.
+    for variable in &config.unknown_env {
+        tracing::warn!(
+            %variable,
+            "the environment variable {variable} is no tally setting and is ignored: is it misspelt? \
+             `tally --help` lists the settings' variables"
+        );
+    }
     match runtime().block_on(serve::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => start_error(&error),
@@ -262,7 +309,7 @@ fn serve(config: Config) -> ExitCode {
 fn start_error(error: &StartError) -> ExitCode {
     tracing::error!(%error, "cannot start");
     eprintln!("tally: cannot start: {error}");
-    ExitCode::from(if error.is_config() { EXIT_CONFIG } else { 1 })
+    ExitCode::from(exit::of_start(error))
 }
 
 fn check_config(config: &Config) -> ExitCode {
@@ -271,6 +318,14 @@ fn check_config(config: &Config) -> ExitCode {
         .and_then(|_| serve::read_token(config))
     {
         eprintln!("tally: configuration error: {error}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if !config.unknown_env.is_empty() {
+        eprintln!(
+            "tally: configuration error: no tally setting reads the environment variable(s) {}: \
+             rename a misspelt one or unset it (`tally --help` lists the settings' variables)",
+            config.unknown_env.join(", ")
+        );
         return ExitCode::from(EXIT_CONFIG);
     }
     let width = SETTINGS.iter().map(|s| s.key.len()).max().unwrap_or(0);
@@ -318,7 +373,7 @@ fn new_incarnation(config: &Config) -> ExitCode {
         }
         Err(error) => {
             eprintln!("tally: {error}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::of_store(&error))
         }
     }
 }
@@ -337,7 +392,7 @@ fn visits(config: &Config) -> ExitCode {
         }
         Err(error) => {
             eprintln!("tally: {error}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit::of_store(&error));
         }
     };
     println!("data directory  {}", dir.display());
@@ -391,7 +446,7 @@ fn visits(config: &Config) -> ExitCode {
         }
         Err(error) => {
             eprintln!("tally: {error}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::of_peers(&error))
         }
     }
 }

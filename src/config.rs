@@ -5,15 +5,21 @@
 //! Precedence is flags > environment (`TALLY_*`, plus `POD_NAME` and
 //! `POD_NAMESPACE` from the Downward API) > JSON config file > defaults. Every
 //! value remembers where it came from, so an error names the key *and* the
-//! source, and `tally check-config` can show both.
+//! source, and `tally check-config` can show both. Nothing unreadable is
+//! passed over: a value that is not UTF-8, a file over [`MAX_FILE_BYTES`],
+//! a key given twice or a value of the wrong JSON type is an error, and
+//! `TALLY_*` variables no setting reads are reported.
 
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jiff::tz::TimeZone;
+use serde::de::{self, MapAccess, Visitor};
 
 /// Exit code for bad configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: u8 = 64;
@@ -27,46 +33,66 @@ pub struct Setting {
     pub env: &'static str,
     /// Default, as text; empty means "not set".
     pub default: &'static str,
+    /// The JSON type the config file must give it.
+    pub kind: Kind,
     /// One line for `--help` and the README.
     pub help: &'static str,
 }
 
+/// A setting's JSON type in the config file. Flags and environment
+/// variables are text either way; the file is typed, so that
+/// `"max_connections": "10"` is a mistake found, not a guess made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    Number,
+}
+
+impl Kind {
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Text => "a JSON string",
+            Kind::Number => "a JSON number (no quotes)",
+        }
+    }
+}
+
 macro_rules! settings {
-    ($( $key:literal, $env:literal, $default:literal, $help:literal; )*) => {
+    ($( $key:literal, $env:literal, $default:literal, $kind:ident, $help:literal; )*) => {
         /// Every setting tally understands, in `--help` order.
         pub const SETTINGS: &[Setting] = &[
-            $( Setting { key: $key, env: $env, default: $default, help: $help }, )*
+            $( Setting { key: $key, env: $env, default: $default, kind: Kind::$kind, help: $help }, )*
         ];
     };
 }
 
 settings! {
-    "listen", "TALLY_LISTEN", "0.0.0.0:8080", "Address and port to serve clients on (every route but the peer routes)";
-    "peer_listen", "TALLY_PEER_LISTEN", "0.0.0.0:8081", "Address and port to serve siblings on (peer routes, /healthz, /readyz only)";
-    "probe_listen", "TALLY_PROBE_LISTEN", "", "Address and port of a listener for kubelet's probes only (/healthz, /readyz), with its own connection limit, so no flood of the other ports starves them (empty: none; the chart sets it)";
-    "data_dir", "TALLY_DATA_DIR", "./data", "Directory holding this pod's counter (its PersistentVolume)";
-    "pod_name", "POD_NAME", "", "This pod's name, <statefulset>-<ordinal> (default: the hostname)";
-    "namespace", "POD_NAMESPACE", "default", "Kubernetes namespace of the pod";
-    "peers_service", "TALLY_PEERS_SERVICE", "", "Headless Service whose DNS records list the siblings (empty: standalone)";
-    "peers_port_name", "TALLY_PEERS_PORT_NAME", "peer", "Named peer port of the headless Service, as in its SRV records";
-    "cluster_domain", "TALLY_CLUSTER_DOMAIN", "cluster.local", "Kubernetes cluster domain";
-    "dns_server", "TALLY_DNS_SERVER", "", "DNS server IP[:port] instead of /etc/resolv.conf's (for tests)";
-    "dns_max_ttl_s", "TALLY_DNS_MAX_TTL_S", "5", "Longest time a DNS answer is cached, in seconds";
-    "timezone", "TALLY_TIMEZONE", "UTC", "IANA time zone of the time shown on the page";
-    "durability", "TALLY_DURABILITY", "group-commit", "group-commit (fdatasync before each answer), periodic or none";
-    "sync_interval_ms", "TALLY_SYNC_INTERVAL_MS", "1000", "How often `periodic` durability syncs, in milliseconds";
-    "commit_timeout_ms", "TALLY_COMMIT_TIMEOUT_MS", "2000", "Longest a visit waits for its commit (then 503, never counted); a commit stuck longer fails readiness. Below request_timeout_ms";
-    "peer_timeout_ms", "TALLY_PEER_TIMEOUT_MS", "300", "Time limit for one sibling's answer, in milliseconds";
-    "fanout_deadline_ms", "TALLY_FANOUT_DEADLINE_MS", "1000", "Time limit for the whole fan-out to the siblings, in milliseconds";
-    "refresh_interval_ms", "TALLY_REFRESH_INTERVAL_MS", "5000", "Background refresh of the cluster view, in milliseconds (0: off)";
-    "peer_token_file", "TALLY_PEER_TOKEN_FILE", "", "File holding the shared token siblings must present (empty: no token)";
-    "shutdown_delay_ms", "TALLY_SHUTDOWN_DELAY_MS", "2000", "After SIGTERM, milliseconds of failing readiness while still serving, so the pod leaves the Service first";
-    "shutdown_grace_s", "TALLY_SHUTDOWN_GRACE_S", "10", "Seconds in-flight requests get to finish after SIGTERM";
-    "max_connections", "TALLY_MAX_CONNECTIONS", "1024", "Most client connections served at once";
-    "request_timeout_ms", "TALLY_REQUEST_TIMEOUT_MS", "10000", "Time limit for one request, in milliseconds";
-    "header_read_timeout_ms", "TALLY_HEADER_READ_TIMEOUT_MS", "5000", "Time limit for a client to send its request headers, in milliseconds";
-    "log_format", "TALLY_LOG_FORMAT", "text", "Log format: text or json";
-    "log_level", "TALLY_LOG_LEVEL", "info", "Log filter, e.g. info or tally=debug";
+    "listen", "TALLY_LISTEN", "0.0.0.0:8080", Text, "Address and port to serve clients on (every route but the peer routes)";
+    "peer_listen", "TALLY_PEER_LISTEN", "0.0.0.0:8081", Text, "Address and port to serve siblings on (peer routes, /healthz, /readyz only)";
+    "probe_listen", "TALLY_PROBE_LISTEN", "", Text, "Address and port of a listener for kubelet's probes only (/healthz, /readyz), with its own connection limit, so no flood of the other ports starves them (empty: none; the chart sets it)";
+    "data_dir", "TALLY_DATA_DIR", "./data", Text, "Directory holding this pod's counter (its PersistentVolume)";
+    "pod_name", "POD_NAME", "", Text, "This pod's name, <statefulset>-<ordinal> (default: the hostname)";
+    "namespace", "POD_NAMESPACE", "default", Text, "Kubernetes namespace of the pod";
+    "peers_service", "TALLY_PEERS_SERVICE", "", Text, "Headless Service whose DNS records list the siblings (empty: standalone)";
+    "peers_port_name", "TALLY_PEERS_PORT_NAME", "peer", Text, "Named peer port of the headless Service, as in its SRV records";
+    "cluster_domain", "TALLY_CLUSTER_DOMAIN", "cluster.local", Text, "Kubernetes cluster domain";
+    "dns_server", "TALLY_DNS_SERVER", "", Text, "DNS server IP[:port] instead of /etc/resolv.conf's (for tests)";
+    "dns_max_ttl_s", "TALLY_DNS_MAX_TTL_S", "5", Number, "Longest time a DNS answer is cached, in seconds";
+    "timezone", "TALLY_TIMEZONE", "UTC", Text, "IANA time zone of the time shown on the page";
+    "durability", "TALLY_DURABILITY", "group-commit", Text, "group-commit (fdatasync before each answer), periodic or none";
+    "sync_interval_ms", "TALLY_SYNC_INTERVAL_MS", "1000", Number, "How often `periodic` durability syncs, in milliseconds";
+    "commit_timeout_ms", "TALLY_COMMIT_TIMEOUT_MS", "2000", Number, "Longest a visit waits for its commit (then 503, never counted); a commit stuck longer fails readiness. Below request_timeout_ms";
+    "peer_timeout_ms", "TALLY_PEER_TIMEOUT_MS", "300", Number, "Time limit for one sibling's answer, in milliseconds";
+    "fanout_deadline_ms", "TALLY_FANOUT_DEADLINE_MS", "1000", Number, "Time limit for the whole fan-out to the siblings, in milliseconds";
+    "refresh_interval_ms", "TALLY_REFRESH_INTERVAL_MS", "5000", Number, "Background refresh of the cluster view, in milliseconds (0: off)";
+    "peer_token_file", "TALLY_PEER_TOKEN_FILE", "", Text, "File holding the shared token siblings must present (empty: no token)";
+    "shutdown_delay_ms", "TALLY_SHUTDOWN_DELAY_MS", "2000", Number, "After SIGTERM, milliseconds of failing readiness while still serving, so the pod leaves the Service first";
+    "shutdown_grace_s", "TALLY_SHUTDOWN_GRACE_S", "10", Number, "Seconds in-flight requests get to finish after SIGTERM";
+    "max_connections", "TALLY_MAX_CONNECTIONS", "1024", Number, "Most client connections served at once";
+    "request_timeout_ms", "TALLY_REQUEST_TIMEOUT_MS", "10000", Number, "Time limit for one request, in milliseconds";
+    "header_read_timeout_ms", "TALLY_HEADER_READ_TIMEOUT_MS", "5000", Number, "Time limit for a client to send its request headers, in milliseconds";
+    "log_format", "TALLY_LOG_FORMAT", "text", Text, "Log format: text or json";
+    "log_level", "TALLY_LOG_LEVEL", "info", Text, "Log filter, e.g. info or tally=debug";
 }
 
 /// Environment variable naming the config file (the flag is `--config`).
@@ -95,6 +121,11 @@ impl fmt::Display for Source {
     }
 }
 
+/// Longest config file read. A tally config file is a few hundred bytes;
+/// the bound keeps `--config /dev/zero` (or a log file named by mistake)
+/// from filling memory.
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+
 /// What went wrong reading the settings. Every variant exits 64.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -105,13 +136,53 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "config file {path} is larger than the {MAX_FILE_BYTES}-byte limit: a tally config file is a small JSON object; \
+         check that --config or TALLY_CONFIG names it"
+    )]
+    FileTooLarge { path: PathBuf },
     #[error("config file {path} is not a JSON object: {reason}")]
     FileSyntax { path: PathBuf, reason: String },
+    #[error("config file {path} is not UTF-8 (byte {offset}{within}): save it as UTF-8")]
+    FileNotUtf8 {
+        path: PathBuf,
+        offset: usize,
+        /// `, in the value of `key`` when the byte is inside one.
+        within: String,
+    },
+    #[error("cannot read the value of `{key}` in config file {path}: {reason}")]
+    FileValue {
+        key: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("unknown key `{key}` in config file {path}; known keys: {known}")]
     UnknownKey {
         key: String,
         path: PathBuf,
         known: String,
+    },
+    #[error("key `{key}` appears more than once in config file {path}: keep one of them")]
+    DuplicateKey { key: String, path: PathBuf },
+    #[error(
+        "`{key}` in config file {path} must be {expected}, not {found}: write it like {example}, \
+         or remove the key to use the default"
+    )]
+    WrongType {
+        key: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+        found: String,
+        example: String,
+    },
+    #[error(
+        "the value of `{key}` from {origin} is not UTF-8 (read with the bad bytes replaced: {lossy:?}): \
+         settings are text; give it a UTF-8 value"
+    )]
+    NotUtf8 {
+        key: &'static str,
+        origin: Source,
+        lossy: String,
     },
     #[error("invalid value {value:?} for `{key}` from {origin}: {reason}")]
     Invalid {
@@ -211,30 +282,130 @@ pub struct Config {
     /// Every setting's effective value and where it came from, for
     /// `check-config`.
     pub provenance: Vec<(&'static str, String, Source)>,
+    /// `TALLY_*` variables in the environment that no setting reads (a
+    /// misspelt setting, most likely): `serve` warns about each,
+    /// `check-config` refuses them.
+    pub unknown_env: Vec<String>,
 }
 
-/// The raw inputs: flags given, an environment to read, and maybe a file.
+/// The raw inputs as the operating system gives them: flags, the
+/// environment and maybe a config file path, not yet known to be UTF-8.
 pub struct Sources<'a> {
     /// `(key, value)` for each flag given on the command line.
-    pub flags: &'a [(&'static str, String)],
+    pub flags: &'a [(&'static str, OsString)],
     /// `--config` if given.
-    pub config_flag: Option<PathBuf>,
-    /// Reads an environment variable; tests pass a map.
-    pub env: &'a dyn Fn(&str) -> Option<String>,
+    pub config_flag: Option<OsString>,
+    /// The whole environment (unknown `TALLY_*` names are looked for).
+    pub env: &'a BTreeMap<OsString, OsString>,
+}
+
+/// `TALLY_*` variables that are not settings: `TALLY_CONFIG` names the
+/// file; the others are set around tally, by its scripts and tests
+/// (`scripts/`, `integration/`), and `TALLY_URL`, which the chart's
+/// NOTES.txt has users export. A developer's shell holds them when running
+/// `tally check-config`, so they must not be refused.
+const NOT_SETTINGS: &[&str] = &[
+    CONFIG_ENV,
+    "TALLY_APT_UPDATED",
+    "TALLY_BIN",
+    "TALLY_CHAOS_FEATURES",
+    "TALLY_CONTAINER_ENGINE",
+    "TALLY_EXPECT_VERSION",
+    "TALLY_IMAGE_REPOSITORY",
+    "TALLY_URL",
+    "TALLY_WRITE_SEEDS",
+];
+
+/// The local StatefulSet simulator's variables (`integration/src/sim`).
+const NOT_SETTING_PREFIX: &str = "TALLY_SIM_";
+
+/// Kubernetes' service links: a Service named `tally` or `tally-*` in the
+/// namespace gives every pod that does not set `enableServiceLinks: false`
+/// (the chart does) `TALLY_SERVICE_HOST`, `TALLY_SERVICE_PORT[_<NAME>]`,
+/// `TALLY_PORT` and `TALLY_PORT_<port>_<PROTO>[_PROTO|_PORT|_ADDR]`. They
+/// are Kubernetes', not misspelt settings.
+fn is_service_link(name: &str) -> bool {
+    if name.ends_with("_SERVICE_HOST") || name.contains("_SERVICE_PORT") || name.ends_with("_PORT")
+    {
+        return true;
+    }
+    let mut parts = name.rsplit("_PORT_").next().unwrap_or_default().split('_');
+    let port = parts.next().unwrap_or_default();
+    let proto = parts.next().unwrap_or_default();
+    let field = parts.next();
+    name.contains("_PORT_")
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && matches!(proto, "TCP" | "UDP" | "SCTP")
+        && matches!(field, None | Some("PROTO" | "PORT" | "ADDR"))
+        && parts.next().is_none()
+}
+
+/// The `TALLY_*` names in `env` that no setting reads, sorted.
+fn unknown_env<'a>(names: impl Iterator<Item = &'a OsString>) -> Vec<String> {
+    names
+        .map(|name| name.to_string_lossy())
+        .filter(|name| name.starts_with("TALLY_"))
+        .filter(|name| {
+            !SETTINGS.iter().any(|s| s.env == name)
+                && !NOT_SETTINGS.contains(&name.as_ref())
+                && !name.starts_with(NOT_SETTING_PREFIX)
+                && !is_service_link(name)
+        })
+        .map(|name| name.into_owned())
+        .collect()
+}
+
+/// `value` as text, or an error naming the setting and where it came from.
+fn utf8(
+    key: &'static str,
+    value: &OsStr,
+    origin: impl FnOnce() -> Source,
+) -> Result<String, ConfigError> {
+    value
+        .to_str()
+        .map(str::to_string)
+        .ok_or_else(|| ConfigError::NotUtf8 {
+            key,
+            origin: origin(),
+            lossy: value.to_string_lossy().into_owned(),
+        })
 }
 
 impl Config {
     /// Resolve every setting from the sources, validate, and type it.
     pub fn load(sources: &Sources<'_>) -> Result<Config, ConfigError> {
-        let file = match sources.config_flag.clone().or_else(|| {
-            (sources.env)(CONFIG_ENV)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        }) {
-            Some(path) => Some(ConfigFile::read(&path)?),
+        let flags = sources
+            .flags
+            .iter()
+            .map(|(key, value)| {
+                let text = utf8(key, value, || Source::Flag(format!("--{}", flag_name(key))))?;
+                Ok((*key, text))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        // Every variable a setting reads is checked, even one a flag
+        // overrides: a value that cannot be read is a mistake either way.
+        let mut env = BTreeMap::new();
+        for (key, var) in SETTINGS
+            .iter()
+            .map(|s| (s.key, s.env))
+            .chain([("config", CONFIG_ENV)])
+        {
+            if let Some(value) = sources.env.get(OsStr::new(var)) {
+                env.insert(var, utf8(key, value, || Source::Env(var))?);
+            }
+        }
+        let config_path = match &sources.config_flag {
+            Some(path) => Some(utf8("config", path, || Source::Flag("--config".into()))?),
+            None => env.get(CONFIG_ENV).filter(|v| !v.is_empty()).cloned(),
+        };
+        let file = match config_path {
+            Some(path) => Some(ConfigFile::read(Path::new(&path))?),
             None => None,
         };
-        Config::resolve(sources.flags, sources.env, file.as_ref())
+        let mut config = Config::resolve(&flags, &|var| env.get(var).cloned(), file.as_ref())?;
+        config.unknown_env = unknown_env(sources.env.keys());
+        Ok(config)
     }
 
     /// Resolves every setting from flags, environment, an already parsed
@@ -279,37 +450,62 @@ pub fn flag_name(key: &str) -> String {
 pub struct ConfigFile {
     /// Where the file is; errors and `check-config` name it.
     pub path: PathBuf,
-    /// Setting key → value (numbers and booleans as JSON spells them).
+    /// Setting key → value (numbers as JSON spells them).
     pub values: BTreeMap<String, String>,
 }
 
 impl ConfigFile {
-    /// Reads and parses the file at `path`.
+    /// Reads (at most [`MAX_FILE_BYTES`]) and parses the file at `path`.
     pub fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::ReadFile {
+        let io = |source| ConfigError::ReadFile {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .map_err(io)?
+            .take(MAX_FILE_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() > MAX_FILE_BYTES {
+            return Err(ConfigError::FileTooLarge {
+                path: path.to_path_buf(),
+            });
+        }
         ConfigFile::parse(path, &bytes)
     }
 
-    /// Parses a config file's bytes: a JSON object of known keys with string,
-    /// number or boolean values. `path` only names the file in errors.
+    /// Parses a config file's bytes: a JSON object of known keys, each once,
+    /// each with its setting's JSON type. `path` only names the file in
+    /// errors.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<ConfigFile, ConfigError> {
-        let syntax = |reason: String| ConfigError::FileSyntax {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| syntax(e.to_string()))?;
-        let serde_json::Value::Object(object) = value else {
-            return Err(syntax(
-                "expected an object like {\"timezone\": \"UTC\"}".into(),
-            ));
-        };
+        if let Err(bad) = std::str::from_utf8(bytes) {
+            // Parse up to the bad byte to learn whose value holds it.
+            let offset = bad.valid_up_to();
+            let within = match parse_entries(&bytes[..offset]) {
+                Err((Some(At::Value(key)), _)) => format!(", in the value of `{key}`"),
+                _ => String::new(),
+            };
+            return Err(ConfigError::FileNotUtf8 {
+                path: path.to_path_buf(),
+                offset,
+                within,
+            });
+        }
+        let entries = parse_entries(bytes).map_err(|(at, reason)| match at {
+            Some(At::Value(key)) => ConfigError::FileValue {
+                key,
+                path: path.to_path_buf(),
+                reason,
+            },
+            _ => ConfigError::FileSyntax {
+                path: path.to_path_buf(),
+                reason,
+            },
+        })?;
         let mut values = BTreeMap::new();
-        for (key, value) in object {
-            if !SETTINGS.iter().any(|s| s.key == key) {
+        for (key, value) in entries {
+            let Some(setting) = SETTINGS.iter().find(|s| s.key == key) else {
                 return Err(ConfigError::UnknownKey {
                     key,
                     path: path.to_path_buf(),
@@ -319,15 +515,30 @@ impl ConfigFile {
                         .collect::<Vec<_>>()
                         .join(", "),
                 });
+            };
+            if values.contains_key(&key) {
+                // serde_json keeps the last one silently; which one the
+                // author meant is not ours to guess.
+                return Err(ConfigError::DuplicateKey {
+                    key,
+                    path: path.to_path_buf(),
+                });
             }
-            let text = match value {
-                serde_json::Value::String(s) => s,
-                serde_json::Value::Number(n) => n.to_string(),
-                serde_json::Value::Bool(b) => b.to_string(),
-                other => {
-                    return Err(syntax(format!(
-                        "`{key}` must be a string or a number, not {other}"
-                    )));
+            let text = match (setting.kind, value) {
+                (Kind::Text, serde_json::Value::String(s)) => s,
+                (Kind::Number, serde_json::Value::Number(n)) => n.to_string(),
+                (kind, other) => {
+                    let example = match kind {
+                        Kind::Text => format!("\"{}\": \"{}\"", setting.key, setting.default),
+                        Kind::Number => format!("\"{}\": {}", setting.key, setting.default),
+                    };
+                    return Err(ConfigError::WrongType {
+                        key: setting.key,
+                        path: path.to_path_buf(),
+                        expected: kind.expected(),
+                        found: json_type(&other),
+                        example,
+                    });
                 }
             };
             values.insert(key, text);
@@ -336,6 +547,76 @@ impl ConfigFile {
             path: path.to_path_buf(),
             values,
         })
+    }
+}
+
+/// How a wrong value looks, for the error: its type and the value.
+fn json_type(value: &serde_json::Value) -> String {
+    let kind = match value {
+        serde_json::Value::Null => return "null".into(),
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    };
+    let shown = value.to_string();
+    let mut short: String = shown.chars().take(40).collect();
+    if short.len() < shown.len() {
+        short.push('…');
+    }
+    format!("{kind} ({short})")
+}
+
+/// Where in the object a parse stopped, so an error can name the key.
+#[derive(Debug)]
+enum At {
+    /// Reading a key (after the one named, if any).
+    Key,
+    /// Reading this key's value.
+    Value(String),
+}
+
+/// The file's top-level `(key, value)` pairs in order, duplicates kept
+/// (a `serde_json::Map` would keep only the last). On failure, where it
+/// stopped and why.
+fn parse_entries(bytes: &[u8]) -> Result<Entries, (Option<At>, String)> {
+    let mut at = None;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let entries = de::Deserializer::deserialize_any(&mut de, EntryVisitor { at: &mut at })
+        .and_then(|entries| de.end().map(|()| entries))
+        .map_err(|e| e.to_string());
+    entries.map_err(|reason| (at, reason))
+}
+
+/// A file's `(key, value)` pairs, in order.
+type Entries = Vec<(String, serde_json::Value)>;
+
+/// Collects an object's entries, recording in `at` what it reads.
+struct EntryVisitor<'a> {
+    at: &'a mut Option<At>,
+}
+
+impl<'de> Visitor<'de> for EntryVisitor<'_> {
+    type Value = Entries;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object like {\"timezone\": \"UTC\"}")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut entries = Vec::new();
+        loop {
+            *self.at = Some(At::Key);
+            let Some(key) = map.next_key::<String>()? else {
+                break;
+            };
+            *self.at = Some(At::Value(key.clone()));
+            let value = map.next_value::<serde_json::Value>()?;
+            entries.push((key, value));
+        }
+        *self.at = None;
+        Ok(entries)
     }
 }
 
@@ -470,7 +751,11 @@ impl Raw {
                     (s.key, value.clone(), source.clone())
                 })
                 .collect(),
+            unknown_env: Vec::new(),
         };
+        if let Some(error) = self.same_port(&config) {
+            return Err(error);
+        }
         if config.commit_timeout >= config.request_timeout {
             // The visit must get its 503 before the request's own timeout
             // (408) could answer for a visit that is then committed. Blame
@@ -504,6 +789,48 @@ impl Raw {
             });
         }
         Ok(config)
+    }
+}
+
+impl Raw {
+    /// Two of `listen`, `peer_listen` and `probe_listen` on one port: the
+    /// second bind would fail at start, after `check-config` said all was
+    /// well. Port 0 asks the kernel for a free port, so two of them never
+    /// collide. An unspecified address (`0.0.0.0`, `[::]`, which on Linux
+    /// also takes IPv4) holds the port on every address.
+    fn same_port(&self, config: &Config) -> Option<ConfigError> {
+        let listeners = [
+            ("listen", Some(config.listen)),
+            ("peer_listen", Some(config.peer_listen)),
+            ("probe_listen", config.probe_listen),
+        ];
+        let clash = |a: SocketAddr, b: SocketAddr| {
+            a.port() != 0
+                && a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
+        let (first, second) = listeners.iter().enumerate().find_map(|(i, (k, a))| {
+            listeners[i + 1..].iter().find_map(|(l, b)| {
+                clash((*a)?, (*b)?).then_some((*k, *l))
+            })
+        })?;
+        // Blame the one the user set; both given, the later one.
+        let (key, other_key) = if self.values[second].1 == Source::Default {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        let (value, origin) = &self.values[key];
+        let (other_value, other_origin) = &self.values[other_key];
+        Some(ConfigError::Invalid {
+            key,
+            value: value.clone(),
+            origin: origin.clone(),
+            reason: format!(
+                "takes the same port as `{other_key}` ({other_value} from {other_origin}): the client, \
+                 peer and probe servers need a port each; give one of them another port"
+            ),
+        })
     }
 }
 
@@ -546,30 +873,230 @@ fn dns_label(v: &str) -> Result<&str, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn load(
         flags: &[(&'static str, &str)],
         env: &[(&str, &str)],
         file: Option<&str>,
     ) -> Result<Config, ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let config_flag = file.map(|text| {
-            let path = dir.path().join("config.json");
-            std::fs::write(&path, text).unwrap();
-            path
-        });
-        let env: HashMap<String, String> = env
+        let flags: Vec<(&'static str, OsString)> =
+            flags.iter().map(|(k, v)| (*k, OsString::from(v))).collect();
+        let env: Vec<(OsString, OsString)> = env
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
             .collect();
-        let flags: Vec<(&'static str, String)> =
-            flags.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        load_os(&flags, &env, file.map(str::as_bytes))
+    }
+
+    fn load_os(
+        flags: &[(&'static str, OsString)],
+        env: &[(OsString, OsString)],
+        file: Option<&[u8]>,
+    ) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let config_flag = file.map(|bytes| {
+            let path = dir.path().join("config.json");
+            std::fs::write(&path, bytes).unwrap();
+            path.into_os_string()
+        });
+        let env: BTreeMap<OsString, OsString> = env.iter().cloned().collect();
         Config::load(&Sources {
-            flags: &flags,
+            flags,
             config_flag,
-            env: &|k| env.get(k).cloned(),
+            env: &env,
         })
+    }
+
+    /// `bytes` as an `OsString`: on Unix any bytes are a valid one.
+    fn os(bytes: &[u8]) -> OsString {
+        use std::os::unix::ffi::OsStringExt;
+        OsString::from_vec(bytes.to_vec())
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_refused_naming_the_setting_and_source() {
+        let pod = (OsString::from("POD_NAME"), OsString::from("tally-0"));
+        let env = [pod.clone(), (os(b"TALLY_DATA_DIR"), os(b"/data/\xff"))];
+        let msg = load_os(&[], &env, None).unwrap_err().to_string();
+        assert!(
+            msg.contains("`data_dir`") && msg.contains("TALLY_DATA_DIR") && msg.contains("UTF-8"),
+            "{msg}"
+        );
+        let msg = load_os(
+            &[("listen", os(b"127.0.0.1:\xff"))],
+            std::slice::from_ref(&pod),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("`listen`") && msg.contains("flag --listen"),
+            "{msg}"
+        );
+        // Overridden by a flag or not, the variable is unreadable.
+        let env = [pod.clone(), (os(b"TALLY_LISTEN"), os(b"\xc3"))];
+        let err = load_os(&[("listen", "127.0.0.1:1".into())], &env, None).unwrap_err();
+        assert!(err.to_string().contains("TALLY_LISTEN"), "{err}");
+        let env = [(os(b"POD_NAME"), os(b"tally-\x80"))];
+        let msg = load_os(&[], &env, None).unwrap_err().to_string();
+        assert!(
+            msg.contains("`pod_name`") && msg.contains("POD_NAME"),
+            "{msg}"
+        );
+
+        let msg = load_os(
+            &[],
+            &[pod],
+            Some(b"{\"listen\": \"127.0.0.1:80\",\n \"data_dir\": \"/d\xff\"}"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("config.json") && msg.contains("`data_dir`") && msg.contains("UTF-8"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_lone_surrogate_in_the_file_is_refused_naming_the_key() {
+        let err = load(
+            &[],
+            &[("POD_NAME", "a-0")],
+            Some(r#"{"timezone": "\ud800"}"#),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::FileValue { .. }), "{msg}");
+        assert!(
+            msg.contains("`timezone`") && msg.contains("config.json"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_config_file_read_is_bounded() {
+        let big = format!("{{\"timezone\": \"UTC\"{}}}", " ".repeat(MAX_FILE_BYTES));
+        let msg = load(&[], &[("POD_NAME", "a-0")], Some(&big))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("config.json") && msg.contains("1048576-byte limit"),
+            "{msg}"
+        );
+        // Exactly at the limit is still read.
+        let fits = format!(
+            "{{\"timezone\": \"UTC\"}}{}",
+            " ".repeat(MAX_FILE_BYTES - 19)
+        );
+        assert_eq!(fits.len(), MAX_FILE_BYTES);
+        load(&[], &[("POD_NAME", "a-0")], Some(&fits)).unwrap();
+    }
+
+    #[test]
+    fn duplicate_keys_and_wrong_types_are_refused_naming_key_and_file() {
+        let pod = [("POD_NAME", "a-0")];
+        let msg = load(
+            &[],
+            &pod,
+            Some(r#"{"timezone":"UTC","timezone":"Asia/Tokyo"}"#),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("`timezone`")
+                && msg.contains("more than once")
+                && msg.contains("config.json"),
+            "{msg}"
+        );
+        for (text, key) in [
+            (r#"{"max_connections": "10"}"#, "max_connections"),
+            (r#"{"timezone": 1}"#, "timezone"),
+            (r#"{"peer_timeout_ms": true}"#, "peer_timeout_ms"),
+            (r#"{"listen": null}"#, "listen"),
+        ] {
+            let err = load(&[], &pod, Some(text)).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(err, ConfigError::WrongType { .. }),
+                "{text}: {msg}"
+            );
+            assert!(
+                msg.contains(&format!("`{key}`")) && msg.contains("config.json"),
+                "{msg}"
+            );
+        }
+        let c = load(
+            &[],
+            &pod,
+            Some(r#"{"max_connections": 10, "timezone": "UTC"}"#),
+        )
+        .unwrap();
+        assert_eq!(c.max_connections, 10);
+    }
+
+    #[test]
+    fn listen_and_peer_listen_on_one_port_are_refused_naming_both() {
+        let pod = [("POD_NAME", "a-0")];
+        for (listen, peer) in [
+            ("127.0.0.1:9000", "127.0.0.1:9000"),
+            ("0.0.0.0:9000", "127.0.0.1:9000"),
+            ("[::]:9000", "127.0.0.1:9000"),
+        ] {
+            let msg = load(&[("listen", listen), ("peer_listen", peer)], &pod, None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("`peer_listen`") && msg.contains("`listen`"),
+                "{msg}"
+            );
+            assert!(
+                msg.contains("--peer-listen") && msg.contains("--listen"),
+                "{msg}"
+            );
+        }
+        let msg = load(&[("listen", "0.0.0.0:8081")], &pod, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("`listen`") && msg.contains("`peer_listen` (0.0.0.0:8081 from default)"),
+            "{msg}"
+        );
+        // Port 0 is a fresh port each; other addresses or ports are apart.
+        load(
+            &[("listen", "127.0.0.1:0"), ("peer_listen", "127.0.0.1:0")],
+            &pod,
+            None,
+        )
+        .unwrap();
+        load(
+            &[
+                ("listen", "127.0.0.1:9000"),
+                ("peer_listen", "127.0.0.2:9000"),
+            ],
+            &pod,
+            None,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn unknown_tally_variables_are_listed_and_known_ones_are_not() {
+        let env = [
+            ("POD_NAME", "a-0"),
+            ("TALLY_LISTN", "127.0.0.1:1"),
+            ("TALLY_TIMEZONE", "UTC"),
+            ("TALLY_BIN", "/bin/tally"),
+            ("TALLY_SIM_HOME", "/tmp"),
+            ("TALLY_SERVICE_HOST", "10.0.0.1"),
+            ("TALLY_SERVICE_PORT_HTTP", "80"),
+            ("TALLY_PORT", "tcp://10.0.0.1:80"),
+            ("TALLY_PORT_80_TCP_ADDR", "10.0.0.1"),
+            ("TALLY_PORT_80_TCP", "tcp://10.0.0.1:80"),
+            ("TALLY_PORT_80_HTTP", "no"),
+            ("HOME", "/root"),
+        ];
+        let c = load(&[], &env, None).unwrap();
+        assert_eq!(c.unknown_env, ["TALLY_LISTN", "TALLY_PORT_80_HTTP"]);
     }
 
     #[test]
@@ -737,13 +1264,15 @@ mod tests {
 
     #[test]
     fn file_must_be_an_object_of_scalars() {
-        for text in ["[1]", "{\"listen\": [1]}", "not json"] {
+        for text in ["[1]", "not json", "{\"listen\": \"127.0.0.1:1\"} {}"] {
             let err = load(&[], &[("POD_NAME", "a-0")], Some(text)).unwrap_err();
             assert!(
                 matches!(err, ConfigError::FileSyntax { .. }),
                 "{text}: {err}"
             );
         }
+        let err = load(&[], &[("POD_NAME", "a-0")], Some("{\"listen\": [1]}")).unwrap_err();
+        assert!(matches!(err, ConfigError::WrongType { .. }), "{err}");
     }
 
     #[test]

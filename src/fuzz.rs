@@ -255,10 +255,15 @@ pub fn config_file(data: &[u8]) {
             let message = error.to_string();
             assert!(message.contains("fuzz-config.json"), "{message}");
             match error {
-                ConfigError::UnknownKey { key, .. } => {
+                ConfigError::UnknownKey { key, .. }
+                | ConfigError::DuplicateKey { key, .. }
+                | ConfigError::FileValue { key, .. } => {
                     assert!(message.contains(&format!("`{key}`")), "{message}")
                 }
-                ConfigError::FileSyntax { .. } => {}
+                ConfigError::WrongType { key, .. } => {
+                    assert!(message.contains(&format!("`{key}`")), "{message}")
+                }
+                ConfigError::FileSyntax { .. } | ConfigError::FileNotUtf8 { .. } => {}
                 other => panic!("parsing bytes cannot fail with {other:?}"),
             }
             return;
@@ -458,6 +463,8 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ("config_file", "unknown-key".into(), json(r#"{"listne":"x"}"#)),
         ("config_file", "bad-value".into(), json(r#"{"max_connections":0}"#)),
         ("config_file", "nested".into(), json(r#"{"listen":[1]}"#)),
+        ("config_file", "duplicate-key".into(), json(r#"{"timezone":"UTC","timezone":"UTC"}"#)),
+        ("config_file", "string-for-number".into(), json(r#"{"max_connections":"10"}"#)),
         ("config_file", "log-filter".into(), json(r#"{"log_level":"tally[span{x=1}]=debug"}"#)),
     ]);
     out

@@ -26,7 +26,8 @@
 //! - [`shutdown`]: the SIGTERM/SIGINT signal.
 //! - [`nslookup`]: the built-in `nslookup` (the image has no dnsutils).
 //! - [`serve`]: assembles a running pod; [`cli`]: the command line;
-//!   [`check`]: `tally check-cluster`, the chart's `helm test`.
+//!   [`check`]: `tally check-cluster`, the chart's `helm test`; [`exit`]:
+//!   the exit code of each way a start can fail.
 //! - `fuzz` (tests and fuzzing builds only): the properties the fuzzers in
 //!   `fuzz/` and the property tests check on every decoder of outside bytes.
 
@@ -34,6 +35,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod exit;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
 pub mod http;

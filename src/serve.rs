@@ -50,16 +50,6 @@ pub enum StartError {
     },
 }
 
-impl StartError {
-    /// Identity problems are configuration mistakes (exit 64).
-    pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            StartError::Identity(_) | StartError::TokenFile { .. } | StartError::EmptyToken(_)
-        )
-    }
-}
-
 /// Reads the peer token file, if one is configured.
 pub fn read_token(config: &Config) -> Result<Option<String>, StartError> {
     let Some(path) = &config.peer_token_file else {
