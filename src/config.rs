@@ -810,9 +810,9 @@ impl Raw {
                 && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
         };
         let (first, second) = listeners.iter().enumerate().find_map(|(i, (k, a))| {
-            listeners[i + 1..].iter().find_map(|(l, b)| {
-                clash((*a)?, (*b)?).then_some((*k, *l))
-            })
+            listeners[i + 1..]
+                .iter()
+                .find_map(|(l, b)| clash((*a)?, (*b)?).then_some((*k, *l)))
         })?;
         // Blame the one the user set; both given, the later one.
         let (key, other_key) = if self.values[second].1 == Source::Default {

@@ -334,7 +334,12 @@ async fn a_total_never_goes_down_after_a_full_volume_and_kill_9() {
         "{view}"
     );
     let ready = pods.get(0, "/readyz").await;
-    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.body);
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.body
+    );
     pods.terminate(1);
     pods.publish_all();
     std::fs::remove_file(filler).unwrap();
@@ -346,7 +351,11 @@ async fn a_total_never_goes_down_after_a_full_volume_and_kill_9() {
         if ready.status == StatusCode::OK {
             break;
         }
-        assert!(Instant::now() < deadline, "never ready again: {}", ready.body);
+        assert!(
+            Instant::now() < deadline,
+            "never ready again: {}",
+            ready.body
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     pods.pods[0].take().unwrap().kill9();
