@@ -393,7 +393,11 @@ mod tests {
             FetchError::Invalid(String::new()),
         ];
         for e in &fetch_errors {
-            assert!(PEER_ERROR_KINDS.contains(&e.kind()), "{} not listed", e.kind());
+            assert!(
+                PEER_ERROR_KINDS.contains(&e.kind()),
+                "{} not listed",
+                e.kind()
+            );
         }
         let state_errors = [
             StateError::Malformed(String::new()),
@@ -406,7 +410,11 @@ mod tests {
             StateError::Overflow(String::new()),
         ];
         for e in &state_errors {
-            assert!(REFUSAL_REASONS.contains(&e.reason()), "{} not listed", e.reason());
+            assert!(
+                REFUSAL_REASONS.contains(&e.reason()),
+                "{} not listed",
+                e.reason()
+            );
         }
         let merge = MergeError::Overflow(String::new());
         assert!(REFUSAL_REASONS.contains(&merge.reason()));

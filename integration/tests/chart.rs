@@ -1859,7 +1859,10 @@ fn pods_spread_over_nodes_by_default_and_the_spread_is_overridable() {
         .affinity
         .and_then(|a| a.pod_anti_affinity)
         .expect("a default podAntiAffinity");
-    assert!(anti.required_during_scheduling_ignored_during_execution.is_none());
+    assert!(
+        anti.required_during_scheduling_ignored_during_execution
+            .is_none()
+    );
     let preferred = anti
         .preferred_during_scheduling_ignored_during_execution
         .expect("preferred (soft) anti-affinity by default");
@@ -1883,7 +1886,10 @@ fn pods_spread_over_nodes_by_default_and_the_spread_is_overridable() {
         .required_during_scheduling_ignored_during_execution
         .unwrap();
     assert_eq!(required[0].topology_key, "kubernetes.io/hostname");
-    assert!(anti.preferred_during_scheduling_ignored_during_execution.is_none());
+    assert!(
+        anti.preferred_during_scheduling_ignored_during_execution
+            .is_none()
+    );
 
     // Off, or replaced by the user's own affinity.
     let off = rendered("off", &["--set", "podAntiAffinityPreset="]);
@@ -1904,7 +1910,10 @@ fn pods_spread_over_nodes_by_default_and_the_spread_is_overridable() {
 #[test]
 fn extra_volumes_env_sidecars_and_init_containers_reach_the_pod() {
     let file = chart_dir().join("ci/extras-sidecar-values.yaml");
-    let r = rendered("extras-sidecar-values.yaml", &["-f", file.to_str().unwrap()]);
+    let r = rendered(
+        "extras-sidecar-values.yaml",
+        &["-f", file.to_str().unwrap()],
+    );
     let spec = r.pod_spec();
     let names = |c: &[Container]| c.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
     assert_eq!(names(&spec.containers), ["tally", "log-shipper"]);
@@ -1936,7 +1945,12 @@ fn extra_volumes_env_sidecars_and_init_containers_reach_the_pod() {
     // The chart's own mounts and volumes are still there.
     for mount in ["data", "tmp", "config", "peer-token"] {
         assert!(
-            tally.volume_mounts.as_ref().unwrap().iter().any(|m| m.name == mount),
+            tally
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == mount),
             "{mount} mount lost"
         );
     }
@@ -1947,7 +1961,10 @@ fn an_existing_secret_makes_every_render_the_same() {
     let gitops = ["--set", "auth.existingSecret=tally-peer-token"];
     let first = template("tally", &gitops).unwrap();
     let second = template("tally", &gitops).unwrap();
-    assert!(first == second, "two renders with auth.existingSecret differ");
+    assert!(
+        first == second,
+        "two renders with auth.existingSecret differ"
+    );
     let r = rendered("existingSecret", &gitops);
     assert!(r.all::<Secret>().is_empty(), "the chart made a Secret");
     let volume = r

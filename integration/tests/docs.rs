@@ -209,7 +209,9 @@ fn check_docs(root: &Path) -> Vec<String> {
     let mut anchors_of = |path: &Path| -> BTreeSet<String> {
         anchor_cache
             .entry(path.to_path_buf())
-            .or_insert_with(|| anchors(&std::fs::read_to_string(root.join(path)).unwrap_or_default()))
+            .or_insert_with(|| {
+                anchors(&std::fs::read_to_string(root.join(path)).unwrap_or_default())
+            })
             .clone()
     };
     for doc in doc_files(root) {
@@ -253,7 +255,10 @@ fn check_docs(root: &Path) -> Vec<String> {
                 words = words.replace(&format!("]({target}"), "](");
             }
             for name in named_paths(&words) {
-                if ignored.iter().any(|i| name == *i || name.starts_with(&format!("{i}/"))) {
+                if ignored
+                    .iter()
+                    .any(|i| name == *i || name.starts_with(&format!("{i}/")))
+                {
                     continue;
                 }
                 let exists = if name.contains('/') {
@@ -262,7 +267,9 @@ fn check_docs(root: &Path) -> Vec<String> {
                     root.join(&dir).join(&name).exists() || root.join(&name).exists()
                 };
                 if !exists {
-                    findings.push(format!("{at}: names {name}, which the repository does not have"));
+                    findings.push(format!(
+                        "{at}: names {name}, which the repository does not have"
+                    ));
                 }
             }
         }
@@ -288,7 +295,9 @@ fn runbook_findings(root: &Path) -> Vec<String> {
                 .collect();
             count += 1;
             if !headings.contains(&anchor) {
-                findings.push(format!("{file}: runbook_url #{anchor} is no heading of docs/operations.md"));
+                findings.push(format!(
+                    "{file}: runbook_url #{anchor} is no heading of docs/operations.md"
+                ));
             }
         }
     }
@@ -310,12 +319,19 @@ fn every_link_anchor_and_named_path_in_the_docs_resolves() {
     );
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let lines = readme.lines().count();
-    assert!(lines <= 250, "README.md has {lines} lines: move details to docs/");
+    assert!(
+        lines <= 250,
+        "README.md has {lines} lines: move details to docs/"
+    );
     // The two commands come first.
     let first_block = readme.split("```sh\n").nth(1).unwrap();
     assert!(
         first_block.starts_with("cargo run --release ")
-            && first_block.lines().nth(1).unwrap().starts_with("scripts/test "),
+            && first_block
+                .lines()
+                .nth(1)
+                .unwrap()
+                .starts_with("scripts/test "),
         "README.md's first commands must be `cargo run --release` and `scripts/test`"
     );
     println!(
@@ -397,7 +413,11 @@ fn help_settings() -> BTreeMap<String, (String, Option<String>)> {
         }
     }
     for block in blocks {
-        let Some(flag) = block.split_whitespace().next().filter(|f| f.starts_with("--")) else {
+        let Some(flag) = block
+            .split_whitespace()
+            .next()
+            .filter(|f| f.starts_with("--"))
+        else {
             continue;
         };
         let bracket = |key: &str| {
@@ -429,10 +449,14 @@ fn the_configuration_table_is_what_tally_help_says() {
     let mut problems = Vec::new();
     for (flag, (env, default)) in &help {
         match table.get(flag) {
-            None => problems.push(format!("{flag} ({env}) is missing from docs/configuration.md")),
+            None => problems.push(format!(
+                "{flag} ({env}) is missing from docs/configuration.md"
+            )),
             Some((doc_env, doc_default)) => {
                 if doc_env != env {
-                    problems.push(format!("{flag}: the doc says {doc_env}, tally --help {env}"));
+                    problems.push(format!(
+                        "{flag}: the doc says {doc_env}, tally --help {env}"
+                    ));
                 }
                 if let Some(default) = default {
                     if *doc_default != format!("`{default}`") {
@@ -445,7 +469,9 @@ fn the_configuration_table_is_what_tally_help_says() {
         }
     }
     for flag in table.keys().filter(|f| !help.contains_key(*f)) {
-        problems.push(format!("{flag} is in docs/configuration.md but not in tally --help"));
+        problems.push(format!(
+            "{flag} is in docs/configuration.md but not in tally --help"
+        ));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

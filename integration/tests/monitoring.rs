@@ -373,10 +373,7 @@ async fn a_fresh_pod_exports_every_series_the_dashboard_and_alerts_use() {
     let tally = Tally::start(&TallyOptions::new(dir.path())).unwrap();
     let http = Http::new();
     // What kubelet does before anyone scrapes: one readiness probe.
-    let ready = http
-        .get(&tally.peer_url("/readyz"))
-        .await
-        .unwrap();
+    let ready = http.get(&tally.peer_url("/readyz")).await.unwrap();
     assert_eq!(ready.status, 200, "{}", ready.body);
     let first = http.get(&tally.url("/metrics")).await.unwrap().body;
     let samples = sampled(&first);
@@ -480,11 +477,17 @@ fn the_chart_ships_exactly_these_rules_and_this_dashboard() {
     // The first group is the file; the second knows the replica count.
     assert_eq!(rule["spec"]["groups"][0], file["groups"][0]);
     let groups = rule["spec"]["groups"].as_sequence().unwrap();
-    assert_eq!(groups.len(), file["groups"].as_sequence().unwrap().len() + 1);
+    assert_eq!(
+        groups.len(),
+        file["groups"].as_sequence().unwrap().len() + 1
+    );
     let fallback = &groups[groups.len() - 1];
     assert_eq!(fallback["name"].as_str(), Some("tally-replicas-tally"));
     let expr = fallback["rules"][0]["expr"].as_str().unwrap();
-    assert!(expr.contains("< 3") && expr.contains("unless on (namespace)"), "{expr}");
+    assert!(
+        expr.contains("< 3") && expr.contains("unless on (namespace)"),
+        "{expr}"
+    );
     let dashboard = kind("ConfigMap")
         .find(|d| d["metadata"]["labels"]["grafana_dashboard"].as_str() == Some("1"))
         .expect("a ConfigMap labelled grafana_dashboard: \"1\"");
