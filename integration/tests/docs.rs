@@ -237,15 +237,14 @@ fn check_docs(root: &Path) -> Vec<String> {
                         findings.push(format!("{at}: link to {target}: no such file"));
                         continue;
                     };
-                    if let Some(anchor) = anchor {
-                        if path.extension().is_some_and(|e| e == "md")
-                            && !anchors_of(&path).contains(anchor)
-                        {
-                            findings.push(format!(
-                                "{at}: link to {target}: {} has no heading #{anchor}",
-                                path.display()
-                            ));
-                        }
+                    if let Some(anchor) = anchor
+                        && path.extension().is_some_and(|e| e == "md")
+                        && !anchors_of(&path).contains(anchor)
+                    {
+                        findings.push(format!(
+                            "{at}: link to {target}: {} has no heading #{anchor}",
+                            path.display()
+                        ));
                     }
                 }
             }
@@ -458,12 +457,12 @@ fn the_configuration_table_is_what_tally_help_says() {
                         "{flag}: the doc says {doc_env}, tally --help {env}"
                     ));
                 }
-                if let Some(default) = default {
-                    if *doc_default != format!("`{default}`") {
-                        problems.push(format!(
-                            "{flag}: the doc's default is {doc_default}, tally --help says {default}"
-                        ));
-                    }
+                if let Some(default) = default
+                    && *doc_default != format!("`{default}`")
+                {
+                    problems.push(format!(
+                        "{flag}: the doc's default is {doc_default}, tally --help says {default}"
+                    ));
                 }
             }
         }

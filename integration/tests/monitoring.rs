@@ -390,6 +390,20 @@ async fn a_fresh_pod_exports_every_series_the_dashboard_and_alerts_use() {
         "a fresh pod's first /metrics has no sample of:\n{}\n\n{first}",
         missing.join("\n")
     );
+    // And docs/operations.md's metrics table names every family.
+    let operations = std::fs::read_to_string(workspace_root().join("docs/operations.md")).unwrap();
+    let undocumented: Vec<String> = exported(&first)
+        .into_iter()
+        .filter(|n| !n.ends_with("_sum") && !n.ends_with("_count"))
+        .map(|n| n.trim_end_matches("_bucket").to_string())
+        .filter(|n| {
+            !operations.contains(&format!("`{n}`")) && !operations.contains(&format!("`{n}{{"))
+        })
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "docs/operations.md's metrics table lacks {undocumented:?}"
+    );
     // Labelled counters: a series per known label, at 0 (src/metrics.rs
     // lists the labels; its unit test checks the lists are whole).
     for (family, at_least) in [
