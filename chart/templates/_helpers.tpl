@@ -191,6 +191,24 @@ own line so scripts/check-chart can stand a rendered StatefulSet in for it.
 {{- end }}
 
 {{/*
+A Kubernetes quantity in bytes when it is a whole number with a binary or
+decimal suffix, else the quantity as written: the API server stores
+quantities in canonical form (1024Mi reads back as 1Gi), so the upgrade
+check compares amounts, not spellings.
+*/}}
+{{- define "tally.quantityBytes" -}}
+{{- $q := toString . }}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- if regexMatch "^[0-9]+(k|M|G|T|Ki|Mi|Gi|Ti)?$" $q }}
+{{- $number := regexReplaceAll "[^0-9].*$" $q "" | int64 }}
+{{- $unit := regexReplaceAll "^[0-9]+" $q "" }}
+{{- mul $number (index $units $unit) }}
+{{- else }}
+{{- $q }}
+{{- end }}
+{{- end }}
+
+{{/*
 Refuses, before Kubernetes does ("spec: Forbidden: updates to statefulset
 spec for fields other than ... are forbidden"), a change to a StatefulSet
 field that cannot change, naming the value and what to do. Compares these
@@ -226,7 +244,7 @@ values with the live StatefulSet; renders nothing when there is none.
 {{- $claim := (first $templates).spec | default dict }}
 {{- $size := "" }}
 {{- if and $claim.resources $claim.resources.requests }}{{- $size = toString $claim.resources.requests.storage }}{{- end }}
-{{- if ne $size (toString .Values.persistence.size) }}
+{{- if ne (include "tally.quantityBytes" $size) (include "tally.quantityBytes" .Values.persistence.size) }}
 {{- $messages = append $messages (printf "persistence.size would change from %s to %s, but a StatefulSet's volume claim template cannot change: keep --set persistence.size=%s; to grow the volumes, resize each claim (kubectl patch pvc data-%s-N --namespace %s -p '{\"spec\":{\"resources\":{\"requests\":{\"storage\":\"%s\"}}}}', with a StorageClass that allows volume expansion), then %s" $size (toString .Values.persistence.size) $size $name $ns (toString .Values.persistence.size) $orphan) }}
 {{- end }}
 {{- $class := "" }}
