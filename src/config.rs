@@ -1,6 +1,6 @@
 //! Settings: one table ([`SETTINGS`]) drives the command-line flags, the
 //! environment variables, the config-file keys, `--help`, `check-config` and
-//! the README table, so the four cannot drift apart.
+//! the table in docs/configuration.md, so the four cannot drift apart.
 //!
 //! Precedence is flags > environment (`TALLY_*`, plus `POD_NAME` and
 //! `POD_NAMESPACE` from the Downward API) > JSON config file > defaults. Every
@@ -35,7 +35,7 @@ pub struct Setting {
     pub default: &'static str,
     /// The JSON type the config file must give it.
     pub kind: Kind,
-    /// One line for `--help` and the README.
+    /// One line for `--help` and docs/configuration.md.
     pub help: &'static str,
 }
 
@@ -1245,17 +1245,17 @@ mod tests {
 
     #[test]
     fn readme_table_lists_every_setting_with_its_default() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../docs/configuration.md");
         for s in SETTINGS {
             let start = format!("| `{}` | `--{}` | `{}` | ", s.key, flag_name(s.key), s.env);
             let row = readme
                 .lines()
                 .find(|l| l.starts_with(&start))
-                .unwrap_or_else(|| panic!("README.md has no row starting {start}"));
+                .unwrap_or_else(|| panic!("docs/configuration.md has no row starting {start}"));
             if !s.default.is_empty() {
                 assert!(
                     row.contains(&format!("| `{}` |", s.default)),
-                    "README default for {}: {row}",
+                    "docs/configuration.md default for {}: {row}",
                     s.key
                 );
             }

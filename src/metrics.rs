@@ -34,6 +34,34 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// Every `kind` of `tally_peer_errors_total` (`peers::client::FetchError::kind`).
+/// Exported at 0 from the start, so alerts and dashboards see the series
+/// before the first error (Prometheus: "avoid missing metrics").
+pub const PEER_ERROR_KINDS: [&str; 6] = [
+    "timeout",
+    "connect",
+    "status",
+    "too_large",
+    "refused",
+    "invalid",
+];
+
+/// Every `reason` of `tally_peer_refusals_total` (the `reason()` of the
+/// wire, merge and dispute errors, and the peer route's own refusals),
+/// exported at 0 from the start like [`PEER_ERROR_KINDS`].
+pub const REFUSAL_REASONS: [&str; 10] = [
+    "overflow",
+    "above_first_hand",
+    "below_known",
+    "too_many",
+    "too_large",
+    "busy",
+    "malformed",
+    "bad_name",
+    "duplicate",
+    "missing_self",
+];
+
 /// Labels of `tally_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -260,6 +288,12 @@ impl Metrics {
             "Body bytes of the peer states served to siblings",
             metrics.peer_bytes_served.clone(),
         );
+        for kind in PEER_ERROR_KINDS {
+            let _ = metrics.peer_errors.get_or_create(&ErrorKind { kind });
+        }
+        for reason in REFUSAL_REASONS {
+            let _ = metrics.refusals.get_or_create(&Reason { reason });
+        }
         metrics
             .build_info
             .get_or_create(&BuildLabels {
@@ -342,5 +376,56 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    #[test]
+    fn labelled_counters_start_at_zero_for_every_known_label() {
+        use crate::merge::MergeError;
+        use crate::peers::client::FetchError;
+        use crate::peers::wire::StateError;
+        let text = Metrics::new().encode();
+        for kind in PEER_ERROR_KINDS {
+            let series = format!("tally_peer_errors_total{{kind=\"{kind}\"}} 0");
+            assert!(text.contains(&series), "missing {series} in\n{text}");
+        }
+        for reason in REFUSAL_REASONS {
+            let series = format!("tally_peer_refusals_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&series), "missing {series} in\n{text}");
+        }
+        // The lists hold every label the code can produce.
+        let fetch_errors = [
+            FetchError::Timeout(1),
+            FetchError::Connect(String::new()),
+            FetchError::Status(http::StatusCode::BAD_GATEWAY),
+            FetchError::TooLarge,
+            FetchError::Refused(StateError::MissingSelf(String::new())),
+            FetchError::Invalid(String::new()),
+        ];
+        for e in &fetch_errors {
+            assert!(
+                PEER_ERROR_KINDS.contains(&e.kind()),
+                "{} not listed",
+                e.kind()
+            );
+        }
+        let state_errors = [
+            StateError::Malformed(String::new()),
+            StateError::BadName(String::new()),
+            StateError::Duplicate {
+                sender: String::new(),
+                entry: String::new(),
+            },
+            StateError::MissingSelf(String::new()),
+            StateError::Overflow(String::new()),
+        ];
+        for e in &state_errors {
+            assert!(
+                REFUSAL_REASONS.contains(&e.reason()),
+                "{} not listed",
+                e.reason()
+            );
+        }
+        let merge = MergeError::Overflow(String::new());
+        assert!(REFUSAL_REASONS.contains(&merge.reason()));
     }
 }

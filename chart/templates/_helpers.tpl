@@ -180,3 +180,84 @@ what to do about it.
 {{- fail (printf "\n\nVALUES VALIDATION:\n- %s\n" (join "\n- " $messages)) }}
 {{- end }}
 {{- end }}
+
+{{/*
+The live StatefulSet of this release, or an empty dict: lookup finds nothing
+under `helm template`, `--dry-run` without a cluster, or Argo CD. Kept on its
+own line so scripts/check-chart can stand a rendered StatefulSet in for it.
+*/}}
+{{- define "tally.liveStatefulSet" -}}
+{{- lookup "apps/v1" "StatefulSet" .Release.Namespace (include "tally.fullname" .) | toYaml }}
+{{- end }}
+
+{{/*
+A Kubernetes quantity in bytes when it is a whole number with a binary or
+decimal suffix, else the quantity as written: the API server stores
+quantities in canonical form (1024Mi reads back as 1Gi), so the upgrade
+check compares amounts, not spellings.
+*/}}
+{{- define "tally.quantityBytes" -}}
+{{- $q := toString . }}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- if regexMatch "^[0-9]+(k|M|G|T|Ki|Mi|Gi|Ti)?$" $q }}
+{{- $number := regexReplaceAll "[^0-9].*$" $q "" | int64 }}
+{{- $unit := regexReplaceAll "^[0-9]+" $q "" }}
+{{- mul $number (index $units $unit) }}
+{{- else }}
+{{- $q }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuses, before Kubernetes does ("spec: Forbidden: updates to statefulset
+spec for fields other than ... are forbidden"), a change to a StatefulSet
+field that cannot change, naming the value and what to do. Compares these
+values with the live StatefulSet; renders nothing when there is none.
+*/}}
+{{- define "tally.validateUpgrade" -}}
+{{- $live := include "tally.liveStatefulSet" . | fromYaml }}
+{{- if and $live $live.spec }}
+{{- $name := include "tally.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $orphan := printf "kubectl delete statefulset %s --namespace %s --cascade=orphan (the pods keep running and the claims data-%s-N stay), then run the helm upgrade again: the new StatefulSet adopts the pods and rolls them" $name $ns $name }}
+{{- $messages := list }}
+{{- $spec := $live.spec }}
+{{- $headless := include "tally.headlessServiceName" . }}
+{{- if ne ($spec.serviceName | default "") $headless }}
+{{- $messages = append $messages (printf "the headless Service name (from fullnameOverride/nameOverride) would change the StatefulSet's serviceName from %q to %q, which Kubernetes does not allow: keep the old fullnameOverride/nameOverride, or install a new release and move the traffic (a new name means new pods and new claims)" ($spec.serviceName | default "") $headless) }}
+{{- end }}
+{{- if ne ($spec.podManagementPolicy | default "OrderedReady") .Values.podManagementPolicy }}
+{{- $messages = append $messages (printf "podManagementPolicy would change from %s to %s, which Kubernetes does not allow on a StatefulSet: keep --set podManagementPolicy=%s, or %s" ($spec.podManagementPolicy | default "OrderedReady") .Values.podManagementPolicy ($spec.podManagementPolicy | default "OrderedReady") $orphan) }}
+{{- end }}
+{{- $liveLabels := dict }}
+{{- if $spec.selector }}{{- $liveLabels = $spec.selector.matchLabels | default dict }}{{- end }}
+{{- $labels := include "tally.selectorLabels" . | fromYaml }}
+{{- if not (deepEqual $liveLabels $labels) }}
+{{- $messages = append $messages (printf "the pod selector would change from %s to %s (nameOverride, or a chart with other selector labels), which Kubernetes does not allow: keep the old nameOverride, or %s" (toJson $liveLabels) (toJson $labels) $orphan) }}
+{{- end }}
+{{- $templates := $spec.volumeClaimTemplates | default list }}
+{{- if and .Values.persistence.enabled (not $templates) }}
+{{- $messages = append $messages (printf "persistence.enabled would turn on volumes for a StatefulSet created without them, which Kubernetes does not allow: %s (the emptyDir counts are lost either way)" $orphan) }}
+{{- else if and (not .Values.persistence.enabled) $templates }}
+{{- $messages = append $messages (printf "persistence.enabled=false would drop the volume claim template of a StatefulSet created with one, which Kubernetes does not allow (and the pods would count from an emptyDir): keep persistence.enabled=true") }}
+{{- else if $templates }}
+{{- $claim := (first $templates).spec | default dict }}
+{{- $size := "" }}
+{{- if and $claim.resources $claim.resources.requests }}{{- $size = toString $claim.resources.requests.storage }}{{- end }}
+{{- if ne (include "tally.quantityBytes" $size) (include "tally.quantityBytes" .Values.persistence.size) }}
+{{- $messages = append $messages (printf "persistence.size would change from %s to %s, but a StatefulSet's volume claim template cannot change: keep --set persistence.size=%s; to grow the volumes, resize each claim (kubectl patch pvc data-%s-N --namespace %s -p '{\"spec\":{\"resources\":{\"requests\":{\"storage\":\"%s\"}}}}', with a StorageClass that allows volume expansion), then %s" $size (toString .Values.persistence.size) $size $name $ns (toString .Values.persistence.size) $orphan) }}
+{{- end }}
+{{- $class := "" }}
+{{- if hasKey $claim "storageClassName" }}{{- $class = $claim.storageClassName | default "-" }}{{- end }}
+{{- if ne $class (toString .Values.persistence.storageClass) }}
+{{- $messages = append $messages (printf "persistence.storageClass would change from %q to %q, but a StatefulSet's volume claim template cannot change, and the existing claims keep their class: keep persistence.storageClass at %q, or install a new release on the new class" $class (toString .Values.persistence.storageClass) $class) }}
+{{- end }}
+{{- if not (deepEqual ($claim.accessModes | default list) .Values.persistence.accessModes) }}
+{{- $messages = append $messages (printf "persistence.accessModes would change from %s to %s, but a StatefulSet's volume claim template cannot change: keep the old accessModes" (toJson $claim.accessModes) (toJson .Values.persistence.accessModes)) }}
+{{- end }}
+{{- end }}
+{{- if $messages }}
+{{- fail (printf "\n\nUPGRADE REFUSED: the StatefulSet %s/%s exists and these values change what Kubernetes cannot change on it (docs/upgrading.md):\n- %s\n" $ns $name (join "\n- " $messages)) }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -219,14 +219,18 @@ impl Rendered {
             .expect("pod template has a spec")
     }
 
+    /// The tally container: the first, followed by exactly the `sidecars`
+    /// of the values.
     fn container(&self) -> Container {
         let spec = self.pod_spec();
+        let sidecars = self.values["sidecars"].as_sequence().map_or(0, |s| s.len());
         assert_eq!(
             spec.containers.len(),
-            1,
-            "{}: one container expected",
+            1 + sidecars,
+            "{}: tally and {sidecars} sidecar(s) expected",
             self.set
         );
+        assert_eq!(spec.containers[0].name, "tally", "{}", self.set);
         spec.containers[0].clone()
     }
 
@@ -1832,4 +1836,154 @@ fn helm_test_runs_tally_check_cluster_on_the_client_service() {
         );
         Ok(())
     });
+}
+
+// ---------------------------------------------------------------------------
+// What adopters need: spread, extensions, a token stable under GitOps
+// ---------------------------------------------------------------------------
+
+fn rendered(set: &str, extra: &[&str]) -> Rendered {
+    let docs = parse_documents(&template("tally", extra).unwrap()).unwrap();
+    Rendered {
+        set: set.into(),
+        release: "tally".into(),
+        values: Value::Null,
+        file: PathBuf::new(),
+        docs,
+    }
+}
+
+#[test]
+fn pods_spread_over_nodes_by_default_and_the_spread_is_overridable() {
+    // Default: prefer one pod of the release per node.
+    let r = rendered("default", &[]);
+    let anti = r
+        .pod_spec()
+        .affinity
+        .and_then(|a| a.pod_anti_affinity)
+        .expect("a default podAntiAffinity");
+    assert!(
+        anti.required_during_scheduling_ignored_during_execution
+            .is_none()
+    );
+    let preferred = anti
+        .preferred_during_scheduling_ignored_during_execution
+        .expect("preferred (soft) anti-affinity by default");
+    assert_eq!(preferred.len(), 1);
+    let term = &preferred[0].pod_affinity_term;
+    assert_eq!(term.topology_key, "kubernetes.io/hostname");
+    let selector = term
+        .label_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.clone())
+        .unwrap_or_default();
+    assert!(
+        labels_match(&selector, &pod_labels(&r)),
+        "{selector:?} does not select the release's pods"
+    );
+
+    // hard: one node per pod, required.
+    let hard = rendered("hard", &["--set", "podAntiAffinityPreset=hard"]);
+    let anti = hard.pod_spec().affinity.unwrap().pod_anti_affinity.unwrap();
+    let required = anti
+        .required_during_scheduling_ignored_during_execution
+        .unwrap();
+    assert_eq!(required[0].topology_key, "kubernetes.io/hostname");
+    assert!(
+        anti.preferred_during_scheduling_ignored_during_execution
+            .is_none()
+    );
+
+    // Off, or replaced by the user's own affinity.
+    let off = rendered("off", &["--set", "podAntiAffinityPreset="]);
+    assert!(off.pod_spec().affinity.is_none());
+    let own = rendered(
+        "own",
+        &[
+            "--set",
+            "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=disk",
+            "--set",
+            "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+        ],
+    );
+    let affinity = own.pod_spec().affinity.unwrap();
+    assert!(affinity.node_affinity.is_some() && affinity.pod_anti_affinity.is_none());
+}
+
+#[test]
+fn extra_volumes_env_sidecars_and_init_containers_reach_the_pod() {
+    let file = chart_dir().join("ci/extras-sidecar-values.yaml");
+    let r = rendered(
+        "extras-sidecar-values.yaml",
+        &["-f", file.to_str().unwrap()],
+    );
+    let spec = r.pod_spec();
+    let names = |c: &[Container]| c.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&spec.containers), ["tally", "log-shipper"]);
+    assert_eq!(
+        names(spec.init_containers.as_deref().unwrap_or_default()),
+        ["wait-for-ca"]
+    );
+    let tally = &spec.containers[0];
+    assert!(
+        tally
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.name == "ca-bundle" && m.mount_path == "/etc/ssl/corp")
+    );
+    let env_from = tally.env_from.as_ref().expect("envFrom");
+    assert_eq!(
+        env_from[0].config_map_ref.as_ref().map(|c| c.name.as_str()),
+        Some("tally-extra-settings")
+    );
+    assert!(
+        spec.volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|v| v.name == "ca-bundle" && v.config_map.is_some())
+    );
+    // The chart's own mounts and volumes are still there.
+    for mount in ["data", "tmp", "config", "peer-token"] {
+        assert!(
+            tally
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == mount),
+            "{mount} mount lost"
+        );
+    }
+}
+
+#[test]
+fn an_existing_secret_makes_every_render_the_same() {
+    let gitops = ["--set", "auth.existingSecret=tally-peer-token"];
+    let first = template("tally", &gitops).unwrap();
+    let second = template("tally", &gitops).unwrap();
+    assert!(
+        first == second,
+        "two renders with auth.existingSecret differ"
+    );
+    let r = rendered("existingSecret", &gitops);
+    assert!(r.all::<Secret>().is_empty(), "the chart made a Secret");
+    let volume = r
+        .pod_spec()
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "peer-token")
+        .unwrap();
+    assert_eq!(
+        volume.secret.unwrap().secret_name.as_deref(),
+        Some("tally-peer-token")
+    );
+    // Without it, every render makes a new token (lookup finds nothing
+    // under helm template): what NOTES.txt warns about.
+    let a = template("tally", &[]).unwrap();
+    let b = template("tally", &[]).unwrap();
+    assert!(a != b, "two renders of a generated token were equal");
 }

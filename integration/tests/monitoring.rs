@@ -4,6 +4,11 @@
 //! exports (its `/metrics`, scraped); the chart's PrometheusRule and
 //! dashboard ConfigMap carry exactly those files.
 //!
+//! A fresh pod (started, probed once, scraped once) already exports a
+//! sample of every series they name, labelled counters included at 0
+//! (Prometheus' advice on missing metrics: an alert on a series that does
+//! not exist yet cannot fire).
+//!
 //! Needs `promtool` (Debian `prometheus`; scripts/test installs it).
 
 use std::collections::BTreeSet;
@@ -177,9 +182,44 @@ fn rule_exprs(rules: &serde_yaml::Value) -> Vec<(String, String)> {
     out
 }
 
-/// Grafana's variables, replaced by what they expand to.
+/// Series the rules use that other exporters provide: Prometheus's own
+/// `up` (TallyTargetDown) and kube-state-metrics (TallyMembersBelowReplicas).
+const FOREIGN: &[&str] = &[
+    "up",
+    "kube_statefulset_replicas",
+    "kube_statefulset_status_replicas_ready",
+];
+
+/// Grafana's variables, replaced by what they expand to (`$1` in a
+/// `label_replace` is PromQL's, not Grafana's).
 fn expand(expr: &str) -> String {
     expr.replace("$__rate_interval", "5m")
+        .replace("$namespace", ".*")
+        .replace("$release", "tally")
+}
+
+/// The names of the samples in an exposition (not the `# TYPE` lines: a
+/// family with no child has a type but no series).
+fn sampled(exposition: &str) -> BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every expression of the shipped dashboard and alert rules.
+fn shipped_exprs() -> Vec<(String, String)> {
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(files().join("dashboard.json")).unwrap())
+            .unwrap();
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(files().join("alerts.rules.yaml")).unwrap())
+            .unwrap();
+    let mut exprs = dashboard_exprs(&dashboard);
+    exprs.extend(rule_exprs(&rules));
+    exprs
 }
 
 /// Runs `promtool check rules` on the expressions as recording rules.
@@ -312,7 +352,10 @@ async fn dashboard_and_alerts_parse_and_name_only_exported_metrics() {
     promtool_parses(&exprs)
         .unwrap_or_else(|e| panic!("a dashboard expression does not parse:\n{e}"));
     exprs.extend(rule_exprs(&rules));
-    let unknown = unknown_names(&exprs, &exported);
+    let unknown: Vec<String> = unknown_names(&exprs, &exported)
+        .into_iter()
+        .filter(|u| !FOREIGN.iter().any(|f| u.contains(&format!(": {f} in "))))
+        .collect();
     assert!(
         unknown.is_empty(),
         "expressions name metrics tally does not export:\n{}\n\nexported: {exported:?}",
@@ -322,6 +365,75 @@ async fn dashboard_and_alerts_parse_and_name_only_exported_metrics() {
     for (owner, e) in &exprs {
         assert!(!metric_names(e).is_empty(), "{owner}: no metric in {e}");
     }
+}
+
+#[tokio::test]
+async fn a_fresh_pod_exports_every_series_the_dashboard_and_alerts_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(&TallyOptions::new(dir.path())).unwrap();
+    let http = Http::new();
+    // What kubelet does before anyone scrapes: one readiness probe.
+    let ready = http.get(&tally.peer_url("/readyz")).await.unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let first = http.get(&tally.url("/metrics")).await.unwrap().body;
+    let samples = sampled(&first);
+    let mut missing = Vec::new();
+    for (owner, e) in shipped_exprs() {
+        for name in metric_names(&expand(&e)) {
+            if !FOREIGN.contains(&name.as_str()) && !samples.contains(&name) {
+                missing.push(format!("{owner}: {name}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "a fresh pod's first /metrics has no sample of:\n{}\n\n{first}",
+        missing.join("\n")
+    );
+    // And docs/operations.md's metrics table names every family.
+    let operations = std::fs::read_to_string(workspace_root().join("docs/operations.md")).unwrap();
+    let undocumented: Vec<String> = exported(&first)
+        .into_iter()
+        .filter(|n| !n.ends_with("_sum") && !n.ends_with("_count"))
+        .map(|n| n.trim_end_matches("_bucket").to_string())
+        .filter(|n| {
+            !operations.contains(&format!("`{n}`")) && !operations.contains(&format!("`{n}{{"))
+        })
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "docs/operations.md's metrics table lacks {undocumented:?}"
+    );
+    // Labelled counters: a series per known label, at 0 (src/metrics.rs
+    // lists the labels; its unit test checks the lists are whole).
+    for (family, at_least) in [
+        ("tally_peer_errors_total{kind=", 6),
+        ("tally_peer_refusals_total{reason=", 10),
+    ] {
+        let series: Vec<&str> = first.lines().filter(|l| l.starts_with(family)).collect();
+        assert!(
+            series.len() >= at_least && series.iter().all(|l| l.ends_with("} 0")),
+            "{family}: {series:?}"
+        );
+    }
+    println!(
+        "a fresh pod's first /metrics: {} series names, every one of the {} the dashboard and alerts use",
+        samples.len(),
+        shipped_exprs()
+            .iter()
+            .flat_map(|(_, e)| metric_names(&expand(e)))
+            .filter(|n| !FOREIGN.contains(&n.as_str()))
+            .collect::<BTreeSet<_>>()
+            .len()
+    );
+}
+
+#[test]
+fn sampled_names_only_series_with_a_sample() {
+    let names = sampled(
+        "# TYPE tally_peer_errors counter\n# TYPE tally_members gauge\ntally_members 3\n# EOF\n",
+    );
+    assert_eq!(names, BTreeSet::from(["tally_members".to_string()]));
 }
 
 #[test]
@@ -376,7 +488,20 @@ fn the_chart_ships_exactly_these_rules_and_this_dashboard() {
     let file: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(files().join("alerts.rules.yaml")).unwrap())
             .unwrap();
-    assert_eq!(rule["spec"], file);
+    // The first group is the file; the second knows the replica count.
+    assert_eq!(rule["spec"]["groups"][0], file["groups"][0]);
+    let groups = rule["spec"]["groups"].as_sequence().unwrap();
+    assert_eq!(
+        groups.len(),
+        file["groups"].as_sequence().unwrap().len() + 1
+    );
+    let fallback = &groups[groups.len() - 1];
+    assert_eq!(fallback["name"].as_str(), Some("tally-replicas-tally"));
+    let expr = fallback["rules"][0]["expr"].as_str().unwrap();
+    assert!(
+        expr.contains("< 3") && expr.contains("unless on (namespace)"),
+        "{expr}"
+    );
     let dashboard = kind("ConfigMap")
         .find(|d| d["metadata"]["labels"]["grafana_dashboard"].as_str() == Some("1"))
         .expect("a ConfigMap labelled grafana_dashboard: \"1\"");
