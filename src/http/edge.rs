@@ -51,6 +51,11 @@ impl Route {
     }
 }
 
+/// The address a request came from, a request extension the accept loop
+/// sets: the peer port limits each sender's share of its body budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sender(pub std::net::IpAddr);
+
 /// Which port an [`Edge`] serves.
 #[derive(Debug, Clone, Copy)]
 pub enum Port {

@@ -23,9 +23,8 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::edge::{
-    self, Chunks, Response, Route, body_refused, empty, method_not_allowed, text, with_type,
+    self, Chunks, Response, Route, Sender, body_refused, empty, method_not_allowed, text, with_type,
 };
-use super::server::Sender;
 use super::{ApiError, App, healthz, readyz};
 use crate::merge::Key;
 use crate::peers::delta;

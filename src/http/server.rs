@@ -15,15 +15,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::edge::Edge;
+use super::edge::{Edge, Sender};
 
 /// Largest request head (request line + headers) accepted; hyper answers
 /// 431 past it.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-
-/// The address a request came from (a request extension).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Sender(pub std::net::IpAddr);
 
 /// Edge limits, from the configuration.
 #[derive(Debug, Clone, Copy)]
